@@ -1,0 +1,409 @@
+"""torchvision state_dict <-> Flax variables, strict and one-to-one.
+
+    state_dict = load_checkpoint("resnet50_finetuned.pth")      # weights_only, never arbitrary pickle
+    variables = convert("resnet50", state_dict)                  # {'params': ..., 'batch_stats': ...}
+    state_dict = to_torch("resnet50", variables)                 # torchvision load_state_dict(strict=True)
+
+The key map is mechanical (see `jtkd.models.registry`): torch `layer1.0.downsample.1.weight` is the
+Flax leaf `layer1_0/downsample_1/scale`. Every torch key must be used exactly once and every Flax
+leaf filled; all violations are collected and raised together in one `ConversionError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtkd import models
+from jtkd.models.registry import ModelSpec, get_spec
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+_IGNORED_LEAVES = ("num_batches_tracked",)
+_BN_LEAVES = {"running_mean": "mean", "running_var": "var"}
+
+
+class ConversionError(ValueError):
+    """A state_dict that does not fit the Flax model; the message lists every problem at once."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that can only be loaded by unpickling arbitrary code; refused, nothing executed."""
+
+
+# --------------------------------------------------------------------------------------------- keys
+def flax_path(torch_key: str) -> tuple[str, ...]:
+    """`layer1.0.downsample.1.weight` -> ('layer1_0', 'downsample_1', 'weight'): numeric parts join the one before."""
+    out: list[str] = []
+    for part in torch_key.split("."):
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):  # torch.Tensor, without importing torch
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            v = v.float()
+        return v.numpy()
+    return np.asarray(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    collection: str  # 'params' | 'batch_stats'
+    path: tuple[str, ...]  # Flax path within the collection
+    kind: str  # 'kernel' | 'plain'
+
+
+def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for p in path[:-1]:
+            d = d.setdefault(p, {})
+        d[path[-1]] = v
+    return out
+
+
+def _map_key(torch_key: str, template: Mapping[tuple[str, ...], Any]) -> _Leaf | None:
+    """The Flax leaf a torch key fills, or None if the Flax model has no such leaf."""
+    *mod, leaf = flax_path(torch_key)
+    mod_t = tuple(mod)
+    if leaf in _BN_LEAVES:
+        return _Leaf("batch_stats", mod_t + (_BN_LEAVES[leaf],), "plain")
+    candidates: list[tuple[str, str]] = []
+    if leaf == "weight":
+        candidates = [("kernel", "kernel"), ("scale", "plain"), ("embedding", "plain")]
+    candidates.append((leaf, "plain"))
+    for name, kind in candidates:
+        if ("params",) + mod_t + (name,) in template:
+            return _Leaf("params", mod_t + (name,), kind)
+    return None
+
+
+def _torch_to_flax_array(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "kernel":
+        if arr.ndim == 4:  # OIHW -> HWIO
+            return np.ascontiguousarray(arr.transpose(2, 3, 1, 0))
+        if arr.ndim == 3:  # OIW -> WIO (Conv1d)
+            return np.ascontiguousarray(arr.transpose(2, 1, 0))
+        if arr.ndim == 2:  # (out, in) -> (in, out)
+            return np.ascontiguousarray(arr.T)
+    return arr
+
+
+def _flax_to_torch_array(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "kernel":
+        if arr.ndim == 4:
+            return np.ascontiguousarray(arr.transpose(3, 2, 0, 1))
+        if arr.ndim == 3:
+            return np.ascontiguousarray(arr.transpose(2, 1, 0))
+        if arr.ndim == 2:
+            return np.ascontiguousarray(arr.T)
+    return arr
+
+
+def _is_derived(spec: ModelSpec, key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf in _IGNORED_LEAVES or any(re.fullmatch(p, key) for p in spec.derived_buffers)
+
+
+def _fix_keys(spec: ModelSpec, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in state_dict.items():
+        k = _strip_wrappers(k)
+        for pat, rep in spec.key_fixups:
+            k = re.sub(pat, rep, k)
+        if k in out:
+            raise ConversionError(f"two checkpoint entries map to the same key {k!r}")
+        out[k] = v
+    return out
+
+
+def _template(spec: ModelSpec, module: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    shapes = jax.eval_shape(lambda: models.init(module, jax.random.key(0), spec.input_size))
+    return _flat(shapes)
+
+
+def _shape_of(v: Any) -> tuple[int, ...]:
+    return tuple(v.shape)
+
+
+def infer_num_classes(spec: ModelSpec, state_dict: Mapping[str, Any]) -> int:
+    """The classifier width of a (fixed-key) torch state_dict; 0 if it has no classifier."""
+    for leaf in ("weight", "bias"):
+        key = f"{spec.head}.{leaf}"
+        if key in state_dict:
+            return int(_shape_of(state_dict[key])[0])
+    return 0
+
+
+def _model_kwargs(spec: ModelSpec, state_dict: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_classes": infer_num_classes(spec, state_dict)}
+    if spec.infer_kwargs is not None:
+        kw.update(spec.infer_kwargs({k: _shape_of(v) for k, v in state_dict.items()}))
+    kw.update(overrides)
+    return kw
+
+
+# ------------------------------------------------------------------------------------------ convert
+def convert(
+    name: str,
+    state_dict: Mapping[str, Any],
+    *,
+    head: str = "keep",
+    num_classes: int | None = None,
+    rng: jax.Array | None = None,
+    **model_kw: Any,
+) -> dict[str, dict]:
+    """Flax variables {'params', 'batch_stats'} for torchvision model `name` from its torch state_dict.
+
+    `state_dict` values may be torch tensors or numpy arrays; `module.`/`_orig_mod.` prefixes are
+    stripped and the number of classes is read from the checkpoint's classifier.
+    head="reinit": drop the checkpoint's classifier and initialise a new one with `num_classes`
+    outputs (from `rng`); head="keep" requires `num_classes`, if given, to match the checkpoint.
+    Raises ConversionError listing every missing, unexpected and mis-shaped key together.
+    """
+    if head not in ("keep", "reinit"):
+        raise ValueError(f"head must be 'keep' or 'reinit', got {head!r}")
+    if not isinstance(state_dict, Mapping):
+        raise ConversionError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+    spec = get_spec(name)
+    sd = _fix_keys(spec, state_dict)
+    kw = _model_kwargs(spec, sd, model_kw)
+    if head == "reinit":
+        if num_classes is None:
+            raise ValueError("head='reinit' needs num_classes")
+        prefix = spec.head + "."
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+        kw["num_classes"] = num_classes
+    elif num_classes is not None and num_classes != kw["num_classes"]:
+        raise ConversionError(
+            f"{name}: checkpoint classifier '{spec.head}' has {kw['num_classes']} outputs, num_classes={num_classes} "
+            "was asked; pass head='reinit' to replace the classifier"
+        )
+    module = models.create(name, **kw)
+    template = _template(spec, module)
+
+    filled: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for key, value in sd.items():
+        if _is_derived(spec, key):
+            continue
+        leaf = _map_key(key, template)
+        if leaf is None:
+            unexpected.append(key)
+            continue
+        full = (leaf.collection,) + leaf.path
+        if full in filled:
+            raise ConversionError(f"{name}: torch keys collide on Flax leaf {'/'.join(full)} (at {key!r})")
+        src = _to_numpy(value)
+        arr = _torch_to_flax_array(src, leaf.kind)
+        if np.may_share_memory(arr, src):  # never alias the torch tensors: torch may update them in place
+            arr = arr.copy()
+        want = template[full].shape
+        if arr.shape != tuple(want):
+            mismatched.append(f"{key}: checkpoint {tuple(_shape_of(value))} -> {arr.shape}, model expects {tuple(want)} at {'/'.join(full)}")
+            continue
+        filled[full] = arr.astype(np.float32, copy=False) if arr.dtype != np.float32 else arr
+
+    if head == "reinit":
+        fresh = _flat(models.init(module, rng if rng is not None else jax.random.key(0), spec.input_size))
+        head_path = ("params",) + _head_path(spec)
+        for full in template:
+            if full[: len(head_path)] == head_path:
+                filled[full] = np.asarray(fresh[full])
+
+    missing = [_torch_key_hint(full) for full in template if full not in filled]
+    if unexpected or missing or mismatched:
+        raise ConversionError(_report(name, missing, unexpected, mismatched))
+    variables = _unflat(filled)
+    variables.setdefault("params", {})
+    variables.setdefault("batch_stats", {})
+    return variables
+
+
+def _head_path(spec: ModelSpec) -> tuple[str, ...]:
+    return flax_path(spec.head + ".weight")[:-1]
+
+
+def _torch_key_hint(full: tuple[str, ...]) -> str:
+    collection, *path = full
+    leaf = path[-1]
+    if collection == "batch_stats":
+        leaf = {"mean": "running_mean", "var": "running_var"}[leaf]
+    elif leaf in ("kernel", "scale"):
+        leaf = "weight"
+    return f"{'.'.join(path[:-1] + [leaf])} (Flax {'/'.join(full)})"
+
+
+def _report(name: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    lines = [f"state_dict does not match jtkd model {name!r}:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            lines.append(f"  {len(items)} {title} key(s):")
+            lines += [f"    {s}" for s in items[:50]]
+            if len(items) > 50:
+                lines.append(f"    ... and {len(items) - 50} more")
+    if unexpected and missing and len(unexpected) > len(missing) // 2:
+        lines.append("  (many keys differ: is this a checkpoint of another architecture?)")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- to_torch
+def _torch_model(name: str, device: str, **kw: Any):
+    import torch
+    import torchvision
+
+    with torch.device(device):
+        return torchvision.models.get_model(name, weights=None, **kw)
+
+
+def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[str, Any]:
+    """A torch state_dict for torchvision model `name` from Flax variables; loads with strict=True."""
+    import torch
+
+    spec = get_spec(name)
+    flat = _flat({"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})})
+    kw = {"num_classes": _flax_num_classes(spec, flat), **model_kw}
+    expected = _torch_model(name, "meta", **kw).state_dict()
+    out: dict[str, Any] = {}
+    used: set[tuple[str, ...]] = set()
+    missing, mismatched, derived = [], [], []
+    for key, ref in expected.items():
+        if _is_derived(spec, key):
+            derived.append(key)
+            continue
+        leaf = _map_key(key, flat)
+        if leaf is None:
+            missing.append(key)
+            continue
+        full = (leaf.collection,) + leaf.path
+        arr = _flax_to_torch_array(np.asarray(flat[full], dtype=np.float32), leaf.kind)
+        if arr.shape != tuple(ref.shape):
+            mismatched.append(f"{key}: torch expects {tuple(ref.shape)}, Flax {'/'.join(full)} gives {arr.shape}")
+            continue
+        used.add(full)
+        out[key] = torch.from_numpy(arr.copy()).to(ref.dtype)
+    unexpected = ["/".join(f) for f in flat if f not in used]
+    if missing or mismatched or unexpected:
+        raise ConversionError(_report(name, missing, unexpected, mismatched))
+    if derived:
+        real = _torch_model(name, "cpu", **kw).state_dict() if any(not k.endswith("num_batches_tracked") for k in derived) else {}
+        for key in derived:
+            out[key] = real[key].clone() if key in real else torch.zeros((), dtype=expected[key].dtype)
+    return {k: out[k] for k in expected}
+
+
+def _flax_num_classes(spec: ModelSpec, flat: Mapping[tuple[str, ...], Any]) -> int:
+    for leaf in ("bias", "kernel"):
+        full = ("params",) + _head_path(spec) + (leaf,)
+        if full in flat:
+            return int(np.shape(flat[full])[-1])
+    return 0
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A torch state_dict from `.pth`/`.pt`/`.bin` (torch.load weights_only=True) or `.safetensors`.
+
+    Training checkpoints that nest the weights under 'state_dict', 'model' or 'model_state_dict'
+    are unwrapped. Anything that needs arbitrary unpickling is refused and nothing of it runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e).split("\n\nCheck the documentation")[0]
+        raise UnsafeCheckpointError(
+            f"{path}: refused, this checkpoint needs arbitrary unpickling (weights_only=True load failed). "
+            f"Nothing from it was executed. Save a plain state_dict (torch.save(model.state_dict(), ...)) "
+            f"or safetensors instead. torch said: {msg}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, OSError) as e:
+        raise ValueError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj):
+            tensors = [v for v in obj.values() if hasattr(v, "shape")]
+            if len(tensors) == len(obj):
+                return dict(obj)
+            for key in ("state_dict", "model_state_dict", "model", "module", "net"):
+                if isinstance(obj.get(key), Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+        else:
+            break
+    raise ValueError(f"{path}: no state_dict found (a mapping of parameter names to tensors); got {type(obj).__name__}")
+
+
+def download_weights(name: str, weights: str = "DEFAULT") -> dict[str, Any]:
+    """A torchvision weights state_dict through torchvision's own API (needs internet)."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError as e:
+        raise ValueError(f"torchvision has no weights for {name!r}: {e}") from None
+    member = weights.rsplit(".", 1)[-1]
+    try:
+        w = enum[member] if member != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise ValueError(f"{name}: unknown weights {weights!r}; choose one of DEFAULT, {', '.join(enum.__members__)}") from None
+    try:
+        return w.get_state_dict(progress=True, check_hash=True)
+    except OSError as e:  # urllib.error.URLError is an OSError
+        raise ConnectionError(
+            f"could not download {w} from {w.url}: {e}. This needs internet; offline, save the weights elsewhere "
+            "and pass --checkpoint PATH"
+        ) from None

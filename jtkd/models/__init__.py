@@ -1,0 +1,60 @@
+"""Flax re-implementations of the torchvision classification models.
+
+    model = jtkd.models.create("resnet50", num_classes=10)
+    logits = model.apply(variables, images_nhwc, train=False)
+
+Every module in this package that calls `registry.register` is imported here, so a new family
+is one new file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jtkd.models.registry import ModelSpec, get_spec, registered
+
+_NOT_FAMILIES = {"layers", "registry"}
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name not in _NOT_FAMILIES and not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+
+def list_models() -> list[str]:
+    """The torchvision builder names jtkd implements."""
+    return sorted(registered())
+
+
+def create(name: str, num_classes: int = 1000, **kw: Any) -> nn.Module:
+    """The Flax module for torchvision builder `name`.
+
+    `num_classes=0` returns pooled features instead of logits. Other keywords: `dtype` (compute
+    dtype), `axis_name` (sync BatchNorm over a mesh axis), and the builder's own arguments
+    (e.g. `dropout`, `aux_logits`).
+    """
+    spec = get_spec(name)
+    return spec.module(num_classes=num_classes, **{**spec.kwargs, **kw})
+
+
+def init(name_or_module: str | nn.Module, rng: jax.Array, size: int | None = None, **kw: Any) -> dict:
+    """Freshly initialised variables ({'params', 'batch_stats'}) for a model."""
+    if isinstance(name_or_module, str):
+        size = size or get_spec(name_or_module).input_size
+        name_or_module = create(name_or_module, **kw)
+    size = size or 224
+    variables = name_or_module.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = False, **kw: Any) -> tuple[jax.Array, dict]:
+    """Logits and the named intermediate outputs ('layer1'..., 'pooled') of one forward pass."""
+    out, state = model.apply(variables, x, train=train, mutable=["features"], **kw)
+    return out, {k: v[0] for k, v in state["features"].items()}
+
+
+__all__ = ["ModelSpec", "create", "features", "get_spec", "init", "list_models"]

@@ -1,0 +1,250 @@
+"""Building blocks that reproduce torch.nn semantics in Flax (NHWC).
+
+Every architecture in `jtkd.models` is built from these, so the torch quirks that matter for
+numerical parity live in one place: explicit symmetric padding, torch's BatchNorm update rule
+(unbiased running variance, momentum convention), `ceil_mode` pooling, adaptive pooling at any
+input size, and the NCHW flatten order in front of fully connected classifiers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ModuleDef = Callable[..., nn.Module]
+
+# torch's default inits, so that models trained from scratch here start where torchvision's do.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # conv, torchvision style
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # nn.Linear default
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def Conv2d(
+    features: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    dilation: int | Sequence[int] = 1,
+    bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    kernel_init: Callable = kaiming_fan_out,
+    name: str | None = None,
+) -> nn.Conv:
+    """`torch.nn.Conv2d` with torch's argument names; padding is explicit and symmetric (never 'SAME')."""
+    ph, pw = _pair(padding)
+    return nn.Conv(
+        features,
+        _pair(kernel_size),
+        strides=_pair(stride),
+        padding=((ph, ph), (pw, pw)),
+        kernel_dilation=_pair(dilation),
+        feature_group_count=groups,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        name=name,
+    )
+
+
+def Linear(
+    features: int,
+    bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    kernel_init: Callable = torch_linear_init,
+    name: str | None = None,
+) -> nn.Dense:
+    """`torch.nn.Linear`; the kernel is stored (in, out), the transpose of torch's weight."""
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+
+
+class BatchNorm(nn.Module):
+    """`torch.nn.BatchNorm{1,2}d` over the last axis.
+
+    train=True normalises with the biased batch variance and updates
+        running_mean <- (1 - momentum) * running_mean + momentum * mean
+        running_var  <- (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+    exactly as torch does (torch's `momentum` is the weight of the new value, flax's is `1 - momentum`).
+    With `axis_name` the statistics are averaged over that mesh axis (synchronised BatchNorm; equal
+    per-device batches), so a sharded step matches one device holding the whole batch.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        xf = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            mean = xf.mean(axes)
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name)
+                n = n * jax.lax.psum(1, self.axis_name)
+            var = jnp.square(xf - mean).mean(axes)  # two-pass, as torch
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """`torch.nn.LayerNorm` over the last axis (torch's default eps is 1e-5, flax's is 1e-6)."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+
+
+def _pool_padding(n: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
+    """Left/right padding giving torch's output size, including its ceil_mode rule."""
+    if not ceil_mode:
+        return (p, p)
+    out = -(-(n + 2 * p - k) // s) + 1
+    if (out - 1) * s >= n + p:  # torch: the last window must start inside the input or left padding
+        out -= 1
+    return (p, p + max((out - 1) * s + k - (n + 2 * p), 0))
+
+
+def max_pool(
+    x: jax.Array,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    ceil_mode: bool = False,
+) -> jax.Array:
+    """`torch.nn.MaxPool2d` (padding is -inf, so it never wins)."""
+    k, s, p = _pair(kernel_size), _pair(stride if stride is not None else kernel_size), _pair(padding)
+    pads = tuple(_pool_padding(x.shape[1 + i], k[i], s[i], p[i], ceil_mode) for i in range(2))
+    return nn.max_pool(x, k, s, padding=pads)
+
+
+def avg_pool(
+    x: jax.Array,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    count_include_pad: bool = True,
+) -> jax.Array:
+    """`torch.nn.AvgPool2d` (floor mode)."""
+    k, s, p = _pair(kernel_size), _pair(stride if stride is not None else kernel_size), _pair(padding)
+    return nn.avg_pool(x, k, s, padding=((p[0], p[0]), (p[1], p[1])), count_include_pad=count_include_pad)
+
+
+def _adaptive_axis(x: jax.Array, axis: int, out: int, reduce: Callable) -> jax.Array:
+    n = x.shape[axis]
+    if n == out:
+        return x
+    if n % out == 0:
+        shape = x.shape[:axis] + (out, n // out) + x.shape[axis + 1 :]
+        return reduce(x.reshape(shape), axis + 1)
+    # torch's bins: [floor(i*n/out), ceil((i+1)*n/out)), possibly overlapping
+    bins = [(i * n // out, -(-((i + 1) * n) // out)) for i in range(out)]
+    return jnp.stack([reduce(jax.lax.slice_in_dim(x, a, b, axis=axis), axis) for a, b in bins], axis=axis)
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
+    """`torch.nn.AdaptiveAvgPool2d` at any input size (the bins are separable, so pool H then W)."""
+    oh, ow = _pair(output_size)
+    x = _adaptive_axis(x, 1, oh, lambda v, a: v.mean(a))
+    return _adaptive_axis(x, 2, ow, lambda v, a: v.mean(a))
+
+
+def adaptive_max_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
+    oh, ow = _pair(output_size)
+    x = _adaptive_axis(x, 1, oh, lambda v, a: v.max(a))
+    return _adaptive_axis(x, 2, ow, lambda v, a: v.max(a))
+
+
+def torch_flatten(x: jax.Array) -> jax.Array:
+    """`torch.flatten(x, 1)` of an NCHW tensor, from NHWC: fully connected layers after it see torch's order."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def dropout(mod: nn.Module, x: jax.Array, rate: float, train: bool, name: str | None = None) -> jax.Array:
+    """nn.Dropout that needs a 'dropout' rng only when it is active."""
+    if rate == 0.0 or not train:
+        return x
+    return nn.Dropout(rate, deterministic=False, name=name)(x)
+
+
+def stochastic_depth(mod: nn.Module, x: jax.Array, p: float, train: bool) -> jax.Array:
+    """`torchvision.ops.StochasticDepth(p, 'row')`: drop whole samples of a residual branch."""
+    if p == 0.0 or not train:
+        return x
+    keep = 1.0 - p
+    mask = jax.random.bernoulli(mod.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+gelu = partial(jax.nn.gelu, approximate=False)  # torch.nn.GELU() is exact
+relu6 = jax.nn.relu6
+hardswish = jax.nn.hard_swish
+hardsigmoid = lambda x: jnp.clip(x / 6.0 + 0.5, 0.0, 1.0)  # noqa: E731  torch: relu6(x + 3) / 6
+silu = jax.nn.silu
+
+
+class TorchModel(nn.Module):
+    """Base of every jtkd classifier.
+
+    Fields shared by all architectures:
+      num_classes: logits size; 0 drops the classifier and returns the pooled features.
+      dtype: compute dtype (bf16 for mixed precision); parameters and BatchNorm stay float32.
+      axis_name: mesh axis over which BatchNorm statistics are synchronised in training.
+    Named intermediate outputs are sown into the 'features' collection (see `jtkd.models.features`).
+    """
+
+    num_classes: int = 1000
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    def norm(self, **kw: Any) -> BatchNorm:
+        return BatchNorm(axis_name=self.axis_name, dtype=self.dtype, **kw)
+
+    def conv(self, *args: Any, **kw: Any) -> nn.Conv:
+        return Conv2d(*args, dtype=self.dtype, **kw)
+
+    def linear(self, *args: Any, **kw: Any) -> nn.Dense:
+        return Linear(*args, dtype=self.dtype, **kw)
+
+    def feature(self, name: str, x: jax.Array) -> jax.Array:
+        self.sow("features", name, x)
+        return x
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Logits leave the model in float32 whatever the compute dtype."""
+        return x.astype(jnp.float32)

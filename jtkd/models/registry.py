@@ -1,0 +1,67 @@
+"""The one registry: torchvision builder name -> Flax module and the facts its key map needs.
+
+Adding an architecture touches one place: its family module calls `register(...)`, and both the
+model factory (`jtkd.models.create`) and the converters (`converters.torchvision`) read the spec.
+
+Key maps are mechanical: a torch key `layer1.0.downsample.1.weight` names the Flax module path
+`layer1_0/downsample_1` (a numeric component joins the one before it with '_'); the leaf `weight`
+becomes `kernel` (transposed) or `scale`, `running_mean`/`running_var` become the `batch_stats`
+leaves `mean`/`var`, and any other leaf keeps its torch name and shape. A spec only lists what
+cannot be mechanical: renames of legacy torch keys, and torch buffers that Flax recomputes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    module: Callable[..., nn.Module]
+    kwargs: Mapping[str, Any]
+    head: str  # torch module path of the layer whose output is `num_classes` (e.g. "fc")
+    input_size: int = 224  # torchvision's default evaluation size
+    min_size: int = 32  # smallest input side the architecture accepts
+    # regex -> replacement applied to torch keys before mapping (legacy checkpoints torchvision's load hooks fix)
+    key_fixups: tuple[tuple[str, str], ...] = ()
+    # regexes of torch buffers that are recomputed in Flax (consumed on import, regenerated on export)
+    derived_buffers: tuple[str, ...] = ()
+    # torch state_dict (key -> shape) -> builder kwargs it implies, beyond num_classes (e.g. aux_logits)
+    infer_kwargs: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]] | None = None
+    family: str = ""
+    # testing: an input size the architecture accepts (odd where it can be), the logit tolerance
+    # (1e-4 unless the family's docstring justifies more), and whether it is too big for every CI run
+    test_size: tuple[int, int] = (97, 131)
+    atol: float = 1e-4
+    slow: bool = False
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, module: Callable[..., nn.Module], *, head: str, **spec_kw: Any) -> ModelSpec:
+    kwargs = spec_kw.pop("kwargs", {})
+    spec_kw.setdefault("family", getattr(module, "__module__", "").rsplit(".", 1)[-1])
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    spec = ModelSpec(name=name, module=module, kwargs=dict(kwargs), head=head, **spec_kw)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown model {name!r}; supported torchvision builders: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def registered() -> dict[str, ModelSpec]:
+    return dict(_REGISTRY)
