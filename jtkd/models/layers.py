@@ -92,7 +92,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in fp32 at least (bf16 training)
         if train:
             axes = tuple(range(x.ndim - 1))
             n = math.prod(x.shape[:-1])
@@ -105,8 +105,8 @@ class BatchNorm(nn.Module):
                 var = jax.lax.pmean(var, self.axis_name)
             if not self.is_initializing():
                 m = self.momentum
-                ra_mean.value = (1 - m) * ra_mean.value + m * mean
-                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+                ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
+                ra_var.value = ((1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))).astype(ra_var.value.dtype)
         else:
             mean, var = ra_mean.value, ra_var.value
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias

@@ -1,0 +1,182 @@
+"""Data-parallel, jit-compiled train steps: `(state, batch) -> (state, metrics)`.
+
+pmap semantics written with `jax.jit` + `jax.shard_map` over a 1-D `Mesh` with axis 'data': the
+batch is split over devices, parameters are replicated, gradients and BatchNorm statistics are
+averaged over the axis (the model is built with `axis_name='data'`). One code path serves 1..N
+devices and multi-host runs (`jax.distributed.initialize()` before building the mesh).
+
+The gradient of a replicated parameter under `shard_map` (check_vma=True) is already summed over
+the axis, so each device differentiates `local_mean_loss / axis_size`: the sum is the global mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "data"
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs; `apply_fn` and `tx` are static (not checkpointed)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpointable)
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(
+        cls, apply_fn: Callable, variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int = 0
+    ) -> TrainState:
+        params = variables["params"]
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+            apply_fn=apply_fn,
+            tx=tx,
+        )
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+class LossFn(Protocol):
+    def __call__(
+        self, params: Any, state: TrainState, batch: Batch, rng: jax.Array, extra: Any
+    ) -> tuple[jax.Array, tuple[Any, Metrics]]:
+        """Per-device mean loss on the local shard, and (new batch_stats, metrics)."""
+
+
+def make_mesh(num_devices: int | None = None, devices: list | None = None) -> Mesh:
+    """A 1-D mesh named 'data' over the first `num_devices` devices (all of them, all hosts, by default)."""
+    devices = devices if devices is not None else jax.devices()
+    if num_devices is not None:
+        if num_devices > len(devices):
+            raise ValueError(f"asked for {num_devices} devices, only {len(devices)} available")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Place a host pytree replicated on every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Split a host batch along its leading axis over the mesh.
+
+    Multi-host: each process passes its own slice of the global batch (process-local data);
+    the leading size must divide by the number of local devices.
+    """
+    sharding = NamedSharding(mesh, P(AXIS))
+    n_local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    out = {}
+    for k, v in batch.items():
+        if np.shape(v)[0] % n_local:
+            raise ValueError(f"batch[{k!r}] has {np.shape(v)[0]} rows, not divisible by {n_local} local devices")
+        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    return out
+
+
+def step_rng(state: TrainState) -> jax.Array:
+    """A fresh key per step and per device (dropout, stochastic depth differ across shards)."""
+    key = jax.random.wrap_key_data(state.rng)
+    key = jax.random.fold_in(key, state.step)
+    return jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+
+
+def make_train_step(mesh: Mesh, loss_fn: LossFn, donate: bool = True) -> Callable[..., tuple[TrainState, Metrics]]:
+    """jit(shard_map(step)): `step(state, batch, extra=None) -> (state, metrics)`.
+
+    `loss_fn` sees the local shard; `extra` is a replicated pytree passed through untouched (e.g. a
+    frozen teacher's variables) so it is an argument, not a compile-time constant. Metrics are
+    averaged over devices.
+    """
+    n = mesh.shape[AXIS]
+
+    def local_step(state: TrainState, batch: Batch, extra: Any) -> tuple[TrainState, Metrics]:
+        rng = step_rng(state)
+
+        def objective(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
+            loss, aux = loss_fn(params, state, batch, rng, extra)
+            return loss / n, aux  # gradients of replicated params are summed over the axis
+
+        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics = jax.lax.pmean(metrics, AXIS)
+        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        return new, metrics
+
+    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+
+    @partial(jax.jit, donate_argnums=(0,) if donate else ())
+    def step(state: TrainState, batch: Batch, extra: Any = None) -> tuple[TrainState, Metrics]:
+        return sharded(state, batch, extra)
+
+    return step
+
+
+def make_eval_step(mesh: Mesh, metrics_fn: Callable[[TrainState, Batch, Any], Metrics]) -> Callable[..., Metrics]:
+    """jit(shard_map) evaluation: `metrics_fn` returns per-device *sums*; they are summed over devices."""
+
+    def local(state: TrainState, batch: Batch, extra: Any) -> Metrics:
+        return jax.lax.psum(metrics_fn(state, batch, extra), AXIS)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P())
+    return jax.jit(lambda state, batch, extra=None: sharded(state, batch, extra))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean over the batch of -sum_c q_c log softmax(logits)_c, with q = (1-eps)*onehot(y) + eps/C
+    (torch's `label_smoothing`)."""
+    num_classes = logits.shape[-1]
+    q = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), q).mean()
+
+
+def classification_loss(label_smoothing: float = 0.0, train_mode: bool = True) -> LossFn:
+    """Supervised fine-tuning loss: cross-entropy on batch['image'], batch['label'].
+
+    train_mode=False runs the model in inference mode (frozen BN statistics, no dropout), as a
+    linear probe on a fixed feature extractor wants.
+    """
+
+    def loss_fn(params: Any, state: TrainState, batch: Batch, rng: jax.Array, extra: Any):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if train_mode:
+            logits, mutated = state.apply_fn(
+                variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+            )
+            batch_stats = mutated.get("batch_stats", state.batch_stats)
+        else:
+            logits, batch_stats = state.apply_fn(variables, batch["image"], train=False), state.batch_stats
+        if isinstance(logits, tuple):  # models with auxiliary heads: the main logits drive the loss
+            logits = logits[0]
+        loss = cross_entropy(logits, batch["label"], label_smoothing)
+        acc = (logits.argmax(-1) == batch["label"]).mean()
+        return loss, (batch_stats, {"loss": loss, "accuracy": acc})
+
+    return loss_fn
