@@ -66,3 +66,21 @@ def test_few_shot_counts_and_seeding():
     assert set(a.info.extra["source_indices"]) <= set(train_idx)  # never drawn from the test split
     with pytest.raises(ValueError, match="only"):
         data.digits("test", labels_per_class=1000)
+
+
+def test_unnormalised_digits_can_be_augmented_per_example():
+    raw = data.digits("train", classes=[1, 7], image_size=16, normalize_images=False)
+    assert raw.images.min() >= 0 and raw.images.max() <= 1 and raw.info.extra["normalized"] is False
+    kw = dict(train=True, num_epochs=1, seed=0, process_index=0, process_count=1, with_index=True)
+    aug = next(data.batches(raw, 8, transform=data.TrainTransform(16, scale=(0.5, 1.0)), **kw))
+    ref = data.digits("train", classes=[1, 7], image_size=16)
+    plain = ref.images[aug["index"]]
+    assert aug["image"].shape == plain.shape and aug["image"].dtype == np.float32
+    assert not np.allclose(aug["image"], plain)  # cropped/flipped...
+    # ...but normalised the same way: the background (0 before normalising) maps to -mean/std
+    background = -np.asarray(IMAGENET_MEAN, np.float32) / np.asarray(IMAGENET_STD, np.float32)
+    np.testing.assert_allclose(aug["image"].min(axis=(1, 2)), np.broadcast_to(background, (8, 3)), atol=1e-5)
+    # each example used its own (seed, epoch, index) stream
+    i = int(aug["index"][3])
+    want = data.TrainTransform(16, scale=(0.5, 1.0))(raw.images[i], data.example_rng(0, 0, i))
+    np.testing.assert_array_equal(aug["image"][3], want)

@@ -67,6 +67,7 @@ def digits(
     seed: int = 0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    normalize_images: bool = True,
 ) -> ArrayDataset:
     """Digits as NHWC float32 normalised images and int32 labels.
 
@@ -79,6 +80,8 @@ def digits(
       channels: 3 repeats the gray channel (ImageNet models), 1 keeps it.
       mean, std: normalisation after scaling to [0, 1] (ImageNet by default; one value per channel;
         with channels=1 and 3-value statistics their averages are used).
+      normalize_images: False keeps pixels in [0, 1], for `batches(..., transform=TrainTransform(...))`
+        to augment and normalise per example.
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
@@ -106,7 +109,9 @@ def digits(
     x = np.repeat(x[..., None], channels, axis=-1)
     if len(mean) == 3 and channels == 1:  # ImageNet defaults with one channel: use the gray weights
         mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
-    x = normalize(np.ascontiguousarray(x, np.float32), mean, std)
+    x = np.ascontiguousarray(x, np.float32)
+    if normalize_images:
+        x = normalize(x, mean, std)
     y = np.asarray([label_map[int(v)] for v in labels[idx]], np.int32)
     info = DatasetInfo(
         name="digits",
@@ -115,6 +120,6 @@ def digits(
         class_names=tuple(str(c) for c in label_map),
         label_map=dict(label_map),
         image_shape=(image_size, image_size, channels),
-        extra={"source_indices": idx, "labels_per_class": labels_per_class, "seed": seed, "split_seed": split_seed},
+        extra={"normalized": normalize_images, "source_indices": idx, "labels_per_class": labels_per_class, "seed": seed, "split_seed": split_seed},
     )
     return ArrayDataset(x, y, info)

@@ -23,7 +23,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -171,33 +171,37 @@ def batches(
         shapes = source.get_batch(np.zeros(1, np.int64))
         return {k: v[:0] for k, v in shapes.items()}
 
-    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="jtkd-data") if num_workers > 0 else None
-    pending: deque[tuple[np.ndarray, Any]] = deque()
+    def run() -> Iterator[Batch]:
+        threaded = num_workers > 0 and not vectorised
+        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="jtkd-data") if threaded else None
+        pending: deque[tuple[np.ndarray, Any]] = deque()
 
-    def submit(epoch: int, idx: np.ndarray) -> None:
-        if vectorised:
-            pending.append((idx, vectorised_batch(idx)))
-        elif pool is None:
-            pending.append((idx, [load(epoch, i) for i in idx if i >= 0]))
-        else:
-            pending.append((idx, [pool.submit(load, epoch, i) for i in idx if i >= 0]))
+        def submit(epoch: int, idx: np.ndarray) -> None:
+            if vectorised:
+                pending.append((idx, vectorised_batch(idx)))
+            elif pool is None:
+                pending.append((idx, [load(epoch, i) for i in idx if i >= 0]))
+            else:
+                pending.append((idx, [pool.submit(load, epoch, i) for i in idx if i >= 0]))
 
-    try:
-        steps = plan()
-        for epoch, idx in steps:
-            submit(epoch, idx)
-            if len(pending) > max(prefetch, 0):
-                break
-        while pending:
-            idx, work = pending.popleft()
-            nxt = next(steps, None)
-            if nxt is not None:
-                submit(*nxt)
-            rows = [f.result() for f in work] if isinstance(work, list) and work and isinstance(work[0], Future) else work
-            yield assemble(idx, rows)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            steps = plan()
+            for epoch, idx in steps:  # fill the window: prefetch + 1 batches in flight
+                submit(epoch, idx)
+                if len(pending) > max(prefetch, 0):
+                    break
+            while pending:
+                idx, work = pending.popleft()
+                nxt = next(steps, None)
+                if nxt is not None:
+                    submit(*nxt)
+                rows = [f.result() for f in work] if pool is not None else work
+                yield assemble(idx, rows)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    return run()  # arguments are checked above, when batches() is called
 
 
 class _Raised:
