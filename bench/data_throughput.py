@@ -64,18 +64,34 @@ def main() -> None:
                 t, c = time.perf_counter(), time.process_time()
                 n = 0
                 for b in data.batches(
-                    ds, cfg.batch_size, transform=transform, train=mode == "train", num_epochs=1,
-                    num_workers=workers, process_index=0, process_count=1,
+                    ds,
+                    cfg.batch_size,
+                    transform=transform,
+                    train=mode == "train",
+                    num_epochs=1,
+                    num_workers=workers,
+                    process_index=0,
+                    process_count=1,
                 ):
                     n += int(b["mask"].sum()) if "mask" in b else b["image"].shape[0]
                 best, cpu = min(best, time.perf_counter() - t), min(cpu, time.process_time() - c)
-            results.append({"mode": mode, "workers": workers, "images": n, "seconds": best, "images_per_s": n / best,
-                            "cpu_seconds": cpu, "images_per_cpu_s": n / cpu,
-                            "size": cfg.size, "cpus": os.cpu_count(), "scan_seconds": scan_s})
+            results.append(
+                {
+                    "mode": mode,
+                    "workers": workers,
+                    "images": n,
+                    "seconds": best,
+                    "images_per_s": n / best,
+                    "cpu_seconds": cpu,
+                    "images_per_cpu_s": n / cpu,
+                    "size": cfg.size,
+                    "cpus": os.cpu_count(),
+                    "scan_seconds": scan_s,
+                }
+            )
             print(f"{mode:5s} workers={workers:2d}  {n / best:8.1f} images/s  ({n / cpu:7.1f} per CPU-second)")
     with open(os.path.join(cfg.out, "data_throughput.jsonl"), "w") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in results)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_few_shot_counts_and_seeding():
 def test_unnormalised_digits_can_be_augmented_per_example():
     raw = data.digits("train", classes=[1, 7], image_size=16, normalize_images=False)
     assert raw.images.min() >= 0 and raw.images.max() <= 1 and raw.info.extra["normalized"] is False
-    kw = dict(train=True, num_epochs=1, seed=0, process_index=0, process_count=1, with_index=True)
+    kw = {"train": True, "num_epochs": 1, "seed": 0, "process_index": 0, "process_count": 1, "with_index": True}
     aug = next(data.batches(raw, 8, transform=data.TrainTransform(16, scale=(0.5, 1.0)), **kw))
     ref = data.digits("train", classes=[1, 7], image_size=16)
     plain = ref.images[aug["index"]]

@@ -98,7 +98,11 @@ def test_truncated_jpeg_is_caught_by_full_validation_or_named_at_decode(good_roo
         data.image_folder(good_root, validate="full")
     ds = data.image_folder(good_root)  # the header check cannot see the missing data...
     with pytest.raises(BadImageError, match="truncated.jpg"):  # ...decoding names the file
-        list(data.batches(ds, 4, transform=data.EvalTransform(8, resize_size=8), num_workers=2, process_count=1, process_index=0))
+        list(
+            data.batches(
+                ds, 4, transform=data.EvalTransform(8, resize_size=8), num_workers=2, process_count=1, process_index=0
+            )
+        )
 
 
 def test_empty_class_folder(good_root):
@@ -136,7 +140,14 @@ def test_missing_or_flat_folder(tmp_path):
 
 def test_threaded_decode_matches_serial(good_root):
     ds = data.image_folder(good_root)
-    kw = dict(transform=data.TrainTransform(16), train=True, num_epochs=2, seed=5, process_index=0, process_count=1)
+    kw = {
+        "transform": data.TrainTransform(16),
+        "train": True,
+        "num_epochs": 2,
+        "seed": 5,
+        "process_index": 0,
+        "process_count": 1,
+    }
     serial = list(data.batches(ds, 3, num_workers=0, **kw))
     threaded = list(data.batches(ds, 3, num_workers=3, prefetch=3, **kw))
     assert len(serial) == len(threaded) == 4

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jtkd import data, train
 
-ONE_HOST = dict(process_index=0, process_count=1)
+ONE_HOST = {"process_index": 0, "process_count": 1}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_start_step_resumes_the_same_stream(test_split):
 
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_hosts_split_each_global_batch(test_split, train_mode):
-    kw = dict(train=train_mode, num_epochs=1, seed=0, with_index=True)
+    kw = {"train": train_mode, "num_epochs": 1, "seed": 0, "with_index": True}
     glob = list(data.batches(test_split, 96, process_index=0, process_count=1, **kw))
     hosts = [list(data.batches(test_split, 96, process_index=p, process_count=3, **kw)) for p in range(3)]
     assert all(len(h) == len(glob) for h in hosts)  # every host takes the same number of steps

@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from jtkd import data
 
-HOST = dict(process_index=0, process_count=1)
+HOST = {"process_index": 0, "process_count": 1}
 
 
 def test_mock_cifar10_gives_contract_batches():
@@ -55,7 +55,10 @@ class TinyShapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(names=["a", "b", "c"])}
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+                }
             ),
         )
 

@@ -30,7 +30,9 @@ def photo(request) -> Image.Image:
 
 @pytest.mark.parametrize("resize_size,crop", [(256, 224), (73, 64), (40, 48)])
 def test_eval_transform_matches_torchvision_pil_path(photo, resize_size, crop):
-    ref = T.Compose([T.Resize(resize_size), T.CenterCrop(crop), T.ToTensor(), T.Normalize(jt.IMAGENET_MEAN, jt.IMAGENET_STD)])
+    ref = T.Compose(
+        [T.Resize(resize_size), T.CenterCrop(crop), T.ToTensor(), T.Normalize(jt.IMAGENET_MEAN, jt.IMAGENET_STD)]
+    )
     want = _torch_hwc(ref(photo))
     got = jt.EvalTransform(crop, resize_size=resize_size)(photo)
     assert got.shape == want.shape == (crop, crop, 3) and got.dtype == np.float32

@@ -37,7 +37,7 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = int(round(test_fraction * idx.size))
+        n_test = round(test_fraction * idx.size)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -120,6 +120,12 @@ def digits(
         class_names=tuple(str(c) for c in label_map),
         label_map=dict(label_map),
         image_shape=(image_size, image_size, channels),
-        extra={"normalized": normalize_images, "source_indices": idx, "labels_per_class": labels_per_class, "seed": seed, "split_seed": split_seed},
+        extra={
+            "normalized": normalize_images,
+            "source_indices": idx,
+            "labels_per_class": labels_per_class,
+            "seed": seed,
+            "split_seed": split_seed,
+        },
     )
     return ArrayDataset(x, y, info)

@@ -171,7 +171,8 @@ def image_folder(
         listing = "\n".join(f"  {f}: {r}" for f, r in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise BadImageError(
-            bad[0][0], f"{bad[0][1]}\n{len(bad)} bad file(s) under {root!r}:\n{listing}{more}\n(on_bad='skip' leaves them out)"
+            bad[0][0],
+            f"{bad[0][1]}\n{len(bad)} bad file(s) under {root!r}:\n{listing}{more}\n(on_bad='skip' leaves them out)",
         )
     if bad:
         warnings.warn(
@@ -193,7 +194,9 @@ def image_folder(
             label_map = {c: i for i, (_, c) in enumerate(kept)}
             if not label_map:
                 raise ValueError(f"every class folder under {root!r} is empty")
-            warnings.warn(f"image_folder({root!r}): dropped empty classes {empty}; labels are now {label_map}", stacklevel=2)
+            warnings.warn(
+                f"image_folder({root!r}): dropped empty classes {empty}; labels are now {label_map}", stacklevel=2
+            )
         else:
             warnings.warn(f"image_folder({root!r}): classes {empty} are empty; their labels stay unused", stacklevel=2)
 

@@ -130,7 +130,9 @@ def batches(
         ex = dict(source[int(i)])
         image = ex["image"]
         ex["image"] = (
-            transform(image, example_rng(seed, epoch, int(i))) if transform is not None else np.asarray(image, np.float32)
+            transform(image, example_rng(seed, epoch, int(i)))
+            if transform is not None
+            else np.asarray(image, np.float32)
         )
         ex["label"] = np.int32(ex["label"])
         return ex

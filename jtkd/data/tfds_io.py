@@ -95,7 +95,7 @@ def tfds_source(
     if download:
         try:
             builder.download_and_prepare(file_format="array_record")
-        except Exception as e:  # noqa: BLE001  network errors come in many types
+        except Exception as e:
             raise _unavailable(name, split, data_dir, e) from e
 
     features = builder.info.features
@@ -113,7 +113,7 @@ def tfds_source(
     try:
         records = builder.as_data_source(split)
         backend = "data_source"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if not builder.is_prepared():
             raise _unavailable(name, split, data_dir, e) from e
         records = _read_encoded(builder, split, image_key, label_key)  # prepared as TFRecord

@@ -118,7 +118,7 @@ def center_crop(image: ImageLike, size: int | Sequence[int]) -> ImageLike:
         h, w = image_hw(image)
         if (h, w) == (ch, cw):
             return image
-    return crop(image, int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), ch, cw)
+    return crop(image, round((h - ch) / 2.0), round((w - cw) / 2.0), ch, cw)
 
 
 def hflip(image: ImageLike) -> ImageLike:
@@ -157,15 +157,15 @@ def random_resized_crop_params(
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     in_ratio = width / height
     if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
+        w, h = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
+        h, w = height, round(height * max(ratio))
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
