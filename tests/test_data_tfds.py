@@ -96,3 +96,10 @@ def test_real_prepared_dataset_round_trips_exactly(prepared, fmt, backend):
         assert ex["label"] == k % 3
         seen.add(k)
     assert len(seen) == 8
+
+
+def test_bad_split_of_a_prepared_dataset_is_not_reported_as_missing(prepared):
+    with pytest.raises(Exception) as err:
+        data.tfds_source("tiny_shapes", "validation", data_dir=prepared["array_record"])
+    assert not isinstance(err.value, data.DatasetUnavailableError)
+    assert "validation" in str(err.value)

@@ -116,7 +116,9 @@ def tfds_source(
     except Exception as e:
         if not builder.is_prepared():
             raise _unavailable(name, split, data_dir, e) from e
-        records = _read_encoded(builder, split, image_key, label_key)  # prepared as TFRecord
+        if not isinstance(e, NotImplementedError):  # e.g. a bad split name: tfds's own message says it
+            raise
+        records = _read_encoded(builder, split, image_key, label_key)  # prepared as TFRecord: no random access
         backend = "in_memory_encoded"
 
     info = DatasetInfo(
