@@ -39,11 +39,11 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402,F401  torch before tensorflow (tfds imports it)
+import numpy as np
+import torch
 
-from jtkd import config as jconfig  # noqa: E402
-from jtkd.finetune import FinetuneConfig  # noqa: E402
+from jtkd import config as jconfig
+from jtkd.finetune import FinetuneConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,9 @@ def _source(spec: str, split: str, job: FinetuneJob, seed: int, train: bool):
     kind, _, arg = spec.partition(":")
     if kind == "digits":
         few = job.labels_per_class if (train and job.labels_per_class) else None
-        return data.digits(split, classes=job.digits_classes, labels_per_class=few, image_size=job.finetune.image_size, seed=seed)
+        return data.digits(
+            split, classes=job.digits_classes, labels_per_class=few, image_size=job.finetune.image_size, seed=seed
+        )
     if kind == "tfds":
         return data.tfds_source(arg, split, data_dir=job.tfds_data_dir or None, download=job.download)
     if kind == "folder":
@@ -137,18 +139,42 @@ def _pipelines(job: FinetuneJob, train_src, eval_src, seed: int):
     if _in_memory(train_src):  # digits: preprocessed arrays
         from experiments.transfer import translate
 
-        tr = ArraySource({"image": train_src.images, "label": train_src.labels}, ft.batch_size, seed=seed,
-                         augment=translate(max(ft.image_size // 10, 1)) if job.augment else None)
-        ev = EvalSource({"image": eval_src.images, "label": eval_src.labels}, ft.eval_batch_size) if eval_src is not None else None
+        tr = ArraySource(
+            {"image": train_src.images, "label": train_src.labels},
+            ft.batch_size,
+            seed=seed,
+            augment=translate(max(ft.image_size // 10, 1)) if job.augment else None,
+        )
+        ev = (
+            EvalSource({"image": eval_src.images, "label": eval_src.labels}, ft.eval_batch_size)
+            if eval_src is not None
+            else None
+        )
         return tr, ev
     size = ft.image_size
     train_tf = data.TrainTransform(size) if job.augment else data.EvalTransform(size)
-    tr = Resumable(lambda start: data.batches(train_src, ft.batch_size, transform=train_tf, train=True, seed=seed,
-                                              start_step=start, num_workers=job.num_workers))
+    tr = Resumable(
+        lambda start: data.batches(
+            train_src,
+            ft.batch_size,
+            transform=train_tf,
+            train=True,
+            seed=seed,
+            start_step=start,
+            num_workers=job.num_workers,
+        )
+    )
     ev = None
     if eval_src is not None:
-        ev = _Reiterable(lambda: data.batches(eval_src, ft.eval_batch_size, transform=data.EvalTransform(size), train=False,
-                                              num_workers=job.num_workers))
+        ev = _Reiterable(
+            lambda: data.batches(
+                eval_src,
+                ft.eval_batch_size,
+                transform=data.EvalTransform(size),
+                train=False,
+                num_workers=job.num_workers,
+            )
+        )
     return tr, ev
 
 
@@ -160,8 +186,13 @@ def _eval_batches(job: FinetuneJob, src):
         return None
     if _in_memory(src):
         return {"image": src.images, "label": src.labels}
-    return data.batches(src, job.finetune.eval_batch_size, transform=data.EvalTransform(job.finetune.image_size),
-                        train=False, num_workers=job.num_workers)
+    return data.batches(
+        src,
+        job.finetune.eval_batch_size,
+        transform=data.EvalTransform(job.finetune.image_size),
+        train=False,
+        num_workers=job.num_workers,
+    )
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -183,8 +214,9 @@ def run(job: FinetuneJob) -> dict[str, Any]:
 
     if job.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by the CPU backend
-        jax.distributed.initialize(coordinator_address=job.coordinator, num_processes=job.num_processes,
-                                   process_id=job.process_id)
+        jax.distributed.initialize(
+            coordinator_address=job.coordinator, num_processes=job.num_processes, process_id=job.process_id
+        )
     elif job.distributed:
         jax.distributed.initialize()
 
@@ -199,13 +231,18 @@ def run(job: FinetuneJob) -> dict[str, Any]:
         jconfig.save(job, workdir / "config.json")
     mesh = train.make_mesh(ft.num_devices or None)
     train_src, eval_src, num_classes = load_data(job, ft.seed)
-    _info(f"data: {job.data} ({len(train_src)} train examples, {num_classes} classes), "
-          f"eval {len(eval_src) if eval_src is not None else 0}; {mesh.devices.size} devices, {jax.process_count()} process(es)")
+    _info(
+        f"data: {job.data} ({len(train_src)} train examples, {num_classes} classes), "
+        f"eval {len(eval_src) if eval_src is not None else 0}; "
+        f"{mesh.devices.size} devices, {jax.process_count()} process(es)"
+    )
 
     state_dict = _state_dict(job)
     if state_dict is None and ft.mode != "scratch":
-        raise SystemExit(f"--mode {ft.mode} fine-tunes pretrained weights: pass --checkpoint PATH or --weights DEFAULT "
-                         "(or use --mode scratch)")
+        raise SystemExit(
+            f"--mode {ft.mode} fine-tunes pretrained weights: pass --checkpoint PATH or --weights DEFAULT "
+            "(or use --mode scratch)"
+        )
     variables = finetune.initial_variables(ft, num_classes, state_dict)
     del state_dict
     evaluator = finetune.Evaluator(ft.model, num_classes, mesh, ft.eval_batch_size, ft.compute_dtype)
@@ -218,7 +255,9 @@ def run(job: FinetuneJob) -> dict[str, Any]:
         ev_feats = _eval_batches(job, eval_src)
         ev_feats = tuner.features(variables, ev_feats, "eval features") if ev_feats is not None else None
         tr = ArraySource(feats, ft.batch_size, seed=ft.seed)
-        ev = EvalSource(ev_feats, ft.eval_batch_size, process_count=1, process_index=0) if ev_feats is not None else None
+        ev = (
+            EvalSource(ev_feats, ft.eval_batch_size, process_count=1, process_index=0) if ev_feats is not None else None
+        )
     else:
         tr, ev = _pipelines(job, train_src, eval_src, ft.seed)
         if ev is not None:
@@ -227,8 +266,14 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     state, history = tuner.trainer.fit(state, tr, ev, workdir=workdir, desc=f"{ft.model} {ft.mode}")
     final = tuner.merge(variables, state)
 
-    results: dict[str, Any] = {"model": ft.model, "mode": ft.mode, "steps": int(jax.device_get(state.step)),
-                               "num_classes": num_classes, "trainable_params": n_train, "total_params": n_total}
+    results: dict[str, Any] = {
+        "model": ft.model,
+        "mode": ft.mode,
+        "steps": int(jax.device_get(state.step)),
+        "num_classes": num_classes,
+        "trainable_params": n_train,
+        "total_params": n_total,
+    }
     evals = [r for r in history if "eval/accuracy" in r] or [r for r in _read_rows(workdir) if "eval/accuracy" in r]
     if evals:
         results["final_eval"] = evals[-1]
@@ -266,8 +311,14 @@ def _read_rows(workdir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from jtkd.loop import Preempted
+
     job = jconfig.parse_args(FinetuneJob(), sys.argv[1:] if argv is None else argv)
-    return run(job)
+    try:
+        return run(job)
+    except Preempted as e:  # checkpoint written: a scheduler restarting the command resumes it
+        print(e, file=sys.stderr)
+        raise SystemExit(143) from None
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402  (torch before tensorflow, which jtkd.data may import)
+import numpy as np
+import torch
 
-from jtkd import config as jconfig  # noqa: E402
-from jtkd.finetune import FinetuneConfig  # noqa: E402
-from jtkd.loop import LoopConfig  # noqa: E402
-from jtkd.optim import OptimConfig  # noqa: E402
+from jtkd import config as jconfig
+from jtkd.finetune import FinetuneConfig
+from jtkd.loop import LoopConfig
+from jtkd.optim import OptimConfig
 
 MODES = ("scratch", "linear", "partial", "full")
 
@@ -86,12 +86,23 @@ class TransferConfig:
 
     def quick_version(self) -> TransferConfig:
         return dataclasses.replace(
-            self, seeds=1, source_epochs=1, source_examples=128, steps=4, lr_scratch=self.lr_full, eval_every=2, labels_per_class=4, batch_size=20, warmup_steps=1
+            self,
+            seeds=1,
+            source_epochs=1,
+            source_examples=128,
+            steps=4,
+            lr_scratch=self.lr_full,
+            eval_every=2,
+            labels_per_class=4,
+            batch_size=20,
+            warmup_steps=1,
         )
 
 
 # ------------------------------------------------------------------------------------------ data
-def _load(cfg: TransferConfig, split: str, classes: tuple[int, ...], labels_per_class: int | None = None, seed: int = 0):
+def _load(
+    cfg: TransferConfig, split: str, classes: tuple[int, ...], labels_per_class: int | None = None, seed: int = 0
+):
     from jtkd import data
 
     ds = data.digits(split, classes=classes, labels_per_class=labels_per_class, image_size=cfg.image_size, seed=seed)
@@ -121,7 +132,20 @@ def train_source(cfg: TransferConfig, out: Path, log: logging.Logger) -> tuple[P
 
     path = out / f"source_{cfg.model}.pth"
     meta_path = path.with_suffix(".json")
-    settings = {k: getattr(cfg, k) for k in ("model", "image_size", "source_classes", "source_epochs", "source_batch_size", "source_lr", "source_examples", "shift", "augment")}
+    settings = {
+        k: getattr(cfg, k)
+        for k in (
+            "model",
+            "image_size",
+            "source_classes",
+            "source_epochs",
+            "source_batch_size",
+            "source_lr",
+            "source_examples",
+            "shift",
+            "augment",
+        )
+    }
     settings["source_classes"] = list(settings["source_classes"])
     if cfg.reuse_source and path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -166,9 +190,21 @@ def train_source(cfg: TransferConfig, out: Path, log: logging.Logger) -> tuple[P
     acc = float((logits.argmax(-1) == te["label"]).mean())
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
-    meta = {"settings": settings, "source_test_accuracy": acc, "train_seconds": time.perf_counter() - t0, "steps": total}
+    meta = {
+        "settings": settings,
+        "source_test_accuracy": acc,
+        "train_seconds": time.perf_counter() - t0,
+        "steps": total,
+    }
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("source: %s trained %d steps in %.0fs, source test accuracy %.4f -> %s", cfg.model, total, meta["train_seconds"], acc, path)
+    log.info(
+        "source: %s trained %d steps in %.0fs, source test accuracy %.4f -> %s",
+        cfg.model,
+        total,
+        meta["train_seconds"],
+        acc,
+        path,
+    )
     return path, meta
 
 
@@ -206,10 +242,23 @@ def mode_config(cfg: TransferConfig, mode: str) -> FinetuneConfig:
         batch_size=cfg.batch_size,
         eval_batch_size=128,
         num_devices=1,
-        optim=OptimConfig(optimizer="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
-                          schedule="cosine", warmup_steps=cfg.warmup_steps),
-        loop=LoopConfig(steps=cfg.steps, log_every=min(5, cfg.steps), eval_every=cfg.eval_every, checkpoint_every=0,
-                        progress=cfg.progress, checkpoints=False),
+        optim=OptimConfig(
+            optimizer="sgd",
+            lr=lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+            schedule="cosine",
+            warmup_steps=cfg.warmup_steps,
+        ),
+        loop=LoopConfig(
+            steps=cfg.steps,
+            log_every=min(5, cfg.steps),
+            eval_every=cfg.eval_every,
+            checkpoint_every=0,
+            progress=cfg.progress,
+            checkpoints=False,
+        ),
     )
 
 
@@ -257,8 +306,15 @@ def run(cfg: TransferConfig) -> dict[str, Any]:
             few = _load(cfg, "train", cfg.target_classes, cfg.labels_per_class, seed=seed)
             aug = None if ft.probe else augment
             t0 = time.perf_counter()
-            final, history = ft.fit(variables, few, test, augment=aug, seed=seed,
-                                    workdir=out / "runs" / f"{mode}_seed{seed}", desc=f"{mode} seed {seed}")
+            final, history = ft.fit(
+                variables,
+                few,
+                test,
+                augment=aug,
+                seed=seed,
+                workdir=out / "runs" / f"{mode}_seed{seed}",
+                desc=f"{mode} seed {seed}",
+            )
             if ft.probe:  # the full model (backbone + trained head) on images, not the cached features
                 acc = evaluator(final, test)["accuracy"]
             else:  # the loop's final evaluation is already the full model on the whole test split
@@ -273,7 +329,11 @@ def run(cfg: TransferConfig) -> dict[str, Any]:
             "accuracy_per_seed": accs,
             "eval_curves": curves,
         }
-    results["source"] = {"test_accuracy": src_meta["source_test_accuracy"], "checkpoint": str(src_path), "import_max_abs_logit_diff": parity}
+    results["source"] = {
+        "test_accuracy": src_meta["source_test_accuracy"],
+        "checkpoint": str(src_path),
+        "import_max_abs_logit_diff": parity,
+    }
     results["target_test_examples"] = results_test_n
     results["wall_seconds"] = time.perf_counter() - t_start
     results["cpu_seconds"] = _cpu_seconds() - cpu_start
@@ -283,8 +343,10 @@ def run(cfg: TransferConfig) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(cfg, results, out / "transfer.png")
     print(table)
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'transfer.png'} "
-          f"({results['wall_seconds']:.0f}s wall, {results['cpu_seconds']:.0f}s CPU)")
+    print(
+        f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'transfer.png'} "
+        f"({results['wall_seconds']:.0f}s wall, {results['cpu_seconds']:.0f}s CPU)"
+    )
     return results
 
 
@@ -296,10 +358,16 @@ def _cpu_seconds() -> float:
 def markdown_table(cfg: TransferConfig, results: dict[str, Any]) -> str:
     src = results["source"]
     lines = [
-        f"Target: digits {','.join(map(str, cfg.target_classes))} with {cfg.labels_per_class} labels per class; "
-        f"{cfg.steps} steps per run, {cfg.seeds} seed(s); accuracy on all {results['target_test_examples']} target test images.",
-        f"Source: torchvision {cfg.model} trained in PyTorch on digits {','.join(map(str, cfg.source_classes))} "
-        f"(source test accuracy {src['test_accuracy']:.4f}); import max |logit diff| {src['import_max_abs_logit_diff']:.1e}.",
+        (
+            f"Target: digits {','.join(map(str, cfg.target_classes))} with {cfg.labels_per_class} labels per class; "
+            f"{cfg.steps} steps per run, {cfg.seeds} seed(s); "
+            f"accuracy on all {results['target_test_examples']} target test images."
+        ),
+        (
+            f"Source: torchvision {cfg.model} trained in PyTorch on digits {','.join(map(str, cfg.source_classes))} "
+            f"(source test accuracy {src['test_accuracy']:.4f}); "
+            f"import max |logit diff| {src['import_max_abs_logit_diff']:.1e}."
+        ),
         "",
         "| mode | what trains | test accuracy (mean ± std) | per seed |",
         "|---|---|---|---|",
@@ -336,8 +404,11 @@ def plot(cfg: TransferConfig, results: dict[str, Any], path: Path) -> None:
             ax1.fill_between(steps, acc.min(0), acc.max(0), color=colors.get(mode), alpha=0.15)
     ax1.set_xlabel("fine-tuning step")
     ax1.set_ylabel("target test accuracy")
-    ax1.set_title(f"digits {cfg.target_classes[0]}-{cfg.target_classes[-1]}, {cfg.labels_per_class} labels/class "
-                  f"(mean, min-max over {cfg.seeds} seeds)", fontsize=9)
+    ax1.set_title(
+        f"digits {cfg.target_classes[0]}-{cfg.target_classes[-1]}, {cfg.labels_per_class} labels/class "
+        f"(mean, min-max over {cfg.seeds} seeds)",
+        fontsize=9,
+    )
     chance = 1 / len(cfg.target_classes)
     ax1.axhline(chance, color="black", lw=0.8, ls=":", label="chance")
     ax1.set_ylim(0, 1)

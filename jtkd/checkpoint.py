@@ -77,7 +77,7 @@ class TrainCheckpointer:
             raise ValueError(f"max_to_keep must be >= 1 (or None for all), got {max_to_keep}")
         self.directory = Path(directory).resolve()
         self.best_metric, self.best_mode = best_metric, best_mode
-        common = dict(create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+        common = {"create": True, "cleanup_tmp_directories": True, "enable_async_checkpointing": async_save}
         self._state = ocp.CheckpointManager(
             self.directory / "state", options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
         )
@@ -175,7 +175,7 @@ class TrainCheckpointer:
     def __enter__(self) -> TrainCheckpointer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

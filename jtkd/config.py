@@ -119,7 +119,7 @@ def override(cfg: C, updates: dict[str, Any]) -> C:
     table = _fields(cfg)
     for key, value in updates.items():
         full = _resolve(key, table)
-        _, f, tp = table[full]
+        tp = table[full][2]
         if isinstance(value, str) and tp is not str:
             value = _parse(value, tp, full)  # also checks Literal choices
         elif isinstance(value, list) and typing.get_origin(tp) is tuple:
@@ -153,7 +153,7 @@ def parse_args(cfg: C, argv: Sequence[str]) -> C:
         try:
             full = _resolve(key, table)
         except ConfigError:
-            if key.startswith("no-") or key.startswith("no_"):
+            if key.startswith(("no-", "no_")):
                 full, negated = _resolve(key[3:], table), True
             else:
                 raise

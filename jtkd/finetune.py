@@ -91,7 +91,9 @@ def initial_variables(cfg: FinetuneConfig, num_classes: int, state_dict: Mapping
     if cfg.mode == "scratch":
         return models.init(models.create(cfg.model, num_classes=num_classes), key, cfg.image_size)
     if state_dict is None:
-        raise ValueError(f"mode={cfg.mode!r} fine-tunes pretrained weights: pass a torch state_dict (or use mode='scratch')")
+        raise ValueError(
+            f"mode={cfg.mode!r} fine-tunes pretrained weights: pass a torch state_dict (or use mode='scratch')"
+        )
     from converters.torchvision import convert
 
     variables = convert(cfg.model, state_dict, head="reinit", num_classes=num_classes, rng=key)
@@ -155,7 +157,9 @@ def finetune_loss(
             else:
                 ctx = contextlib.nullcontext()
             with ctx:
-                logits, mutated = state.apply_fn(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+                logits, mutated = state.apply_fn(
+                    variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+                )
             batch_stats = mutated.get("batch_stats", state.batch_stats)
         if isinstance(logits, tuple):
             logits = logits[0]
@@ -177,7 +181,9 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return layers.Linear(self.num_classes, dtype=self.dtype, name=self.head_name)(x.astype(self.dtype)).astype(jnp.float32)
+        return layers.Linear(self.num_classes, dtype=self.dtype, name=self.head_name)(x.astype(self.dtype)).astype(
+            jnp.float32
+        )
 
 
 def split_head(model: str, variables: dict) -> tuple[dict, dict]:
@@ -194,9 +200,11 @@ def check_linear_head(model: str, variables: dict) -> None:
     backbone, head = split_head(model, variables)
     shapes = jax.eval_shape(lambda: models.init(models.create(model, num_classes=0), jax.random.key(0), 32))
     if jax.tree.structure(shapes["params"]) != jax.tree.structure(backbone["params"]):
-        raise ValueError(f"{model}: the classifier is more than one Linear layer after the pooled features; "
-                         "use --no-precompute_features")
-    (name, p), = head.items()
+        raise ValueError(
+            f"{model}: the classifier is more than one Linear layer after the pooled features; "
+            "use --no-precompute_features"
+        )
+    ((name, p),) = head.items()
     if set(p) != {"kernel", "bias"} or np.ndim(p["kernel"]) != 2:
         raise ValueError(f"{model}: head {name!r} is not a Linear layer; use --no-precompute_features")
 
@@ -204,13 +212,17 @@ def check_linear_head(model: str, variables: dict) -> None:
 class FeatureExtractor:
     """Backbone (num_classes=0, train=False) outputs for every example, compiled once per instance."""
 
-    def __init__(self, model: str, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32, progress: bool = True) -> None:
+    def __init__(
+        self, model: str, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32, progress: bool = True
+    ) -> None:
         self.model, self.mesh, self.batch_size, self.progress = model, mesh, batch_size, progress
         module = models.create(model, num_classes=0, dtype=dtype)
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
         self._fwd = jax.jit(lambda v, x: module.apply(v, x, train=False), out_shardings=rows)
 
-    def __call__(self, variables: dict, data: Mapping[str, np.ndarray] | Iterable[Batch], desc: str = "features") -> dict[str, np.ndarray]:
+    def __call__(
+        self, variables: dict, data: Mapping[str, np.ndarray] | Iterable[Batch], desc: str = "features"
+    ) -> dict[str, np.ndarray]:
         """{'features', 'label', ...} for `data`: in-memory arrays (with 'image') or an iterable of
         evaluation batches (padded rows marked by 'mask', as `EvalSource` / `jtkd.data.batches(train=False)`
         give). Multi-host, each process gets the features of its own rows."""
@@ -290,14 +302,17 @@ class Finetuner:
             cfg.optim, params, total_steps=cfg.loop.steps, trainable=self.trainable, lr_scales=lr_scales
         )
         loss = finetune_loss(
-            label_smoothing=cfg.label_smoothing, bn=bn, trainable=self.trainable, frozen_modules=frozen, input_key=input_key
+            label_smoothing=cfg.label_smoothing,
+            bn=bn,
+            trainable=self.trainable,
+            frozen_modules=frozen,
+            input_key=input_key,
         )
-        self.trainer = Trainer(
-            mesh, loss, classification_eval(input_key), config=cfg.loop, schedule=self.schedule
-        )
+        self.trainer = Trainer(mesh, loss, classification_eval(input_key), config=cfg.loop, schedule=self.schedule)
         self._apply = self.module.apply  # one bound method object: part of the jit cache key
-        self.features = (FeatureExtractor(cfg.model, mesh, cfg.eval_batch_size, dtype, cfg.loop.progress)
-                         if self.probe else None)
+        self.features = (
+            FeatureExtractor(cfg.model, mesh, cfg.eval_batch_size, dtype, cfg.loop.progress) if self.probe else None
+        )
         # a shared full-model evaluator saves compiling one eval step per mode (not for cached features)
         self.evaluator = None if self.probe else evaluator
 
@@ -360,7 +375,9 @@ class Finetuner:
 class Evaluator:
     """Accuracy/loss of full-model variables on a split; compiled once per (model, classes, dtype)."""
 
-    def __init__(self, model: str, num_classes: int, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32) -> None:
+    def __init__(
+        self, model: str, num_classes: int, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32
+    ) -> None:
         self.model, self.mesh, self.batch_size = model, mesh, batch_size
         self.module = models.create(model, num_classes=num_classes, dtype=dtype)
         self._apply = self.module.apply
@@ -379,16 +396,25 @@ class Evaluator:
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return sums_to_means(jax.device_get(total), "")
 
-    def bind(self, data: Mapping[str, np.ndarray] | Iterable[Batch], prefix: str = "eval/") -> Callable[[Any], dict[str, float]]:
+    def bind(
+        self, data: Mapping[str, np.ndarray] | Iterable[Batch], prefix: str = "eval/"
+    ) -> Callable[[Any], dict[str, float]]:
         """`state -> {'eval/accuracy', ...}` on `data`, for `Trainer.fit(eval_data=...)`."""
-        return lambda state: {prefix + k: v for k, v in self({"params": state.params, "batch_stats": state.batch_stats}, data).items()}
+        return lambda state: {
+            prefix + k: v for k, v in self({"params": state.params, "batch_stats": state.batch_stats}, data).items()
+        }
 
 
 _NO_TX = optax.identity()  # one object: the tx is part of the TrainState's static structure (jit cache key)
 
 
 def evaluate_variables(
-    model: str, variables: dict, arrays: Mapping[str, np.ndarray], mesh: Any, batch_size: int = 256, num_classes: int | None = None
+    model: str,
+    variables: dict,
+    arrays: Mapping[str, np.ndarray],
+    mesh: Any,
+    batch_size: int = 256,
+    num_classes: int | None = None,
 ) -> dict[str, float]:
     """Accuracy/loss of full-model `variables` on `arrays` (every example counted once); compiles each call."""
     if num_classes is None:

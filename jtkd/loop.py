@@ -66,9 +66,59 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, step: int, metrics: Mapping[str, float], last_checkpoint: int | None) -> None:
         self.step, self.metrics, self.last_checkpoint = step, dict(metrics), last_checkpoint
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-        where = f"; the last good checkpoint is step {last_checkpoint}" if last_checkpoint is not None else "; no checkpoint was written"
-        super().__init__(f"non-finite training metrics at step {step}: {bad}{where}. Lower the learning rate, "
-                         "enable grad_clip_norm or check the data, then restart (it resumes from that checkpoint).")
+        where = (
+            f"; the last good checkpoint is step {last_checkpoint}"
+            if last_checkpoint is not None
+            else "; no checkpoint was written"
+        )
+        super().__init__(
+            f"non-finite training metrics at step {step}: {bad}{where}. Lower the learning rate, "
+            "enable grad_clip_norm or check the data, then restart (it resumes from that checkpoint)."
+        )
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; the run stopped at `step` after checkpointing it. Rerun to resume."""
+
+    def __init__(self, step: int, checkpoint: int | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        saved = f"checkpoint saved at step {checkpoint}" if checkpoint is not None else "no workdir: nothing was saved"
+        super().__init__(f"preempted (SIGTERM) at step {step}; {saved}. Run the same command again to resume.")
+
+
+class _SigtermFlag:
+    """Within the context, SIGTERM sets a flag instead of killing the process (main thread only)."""
+
+    def __init__(self, enabled: bool) -> None:
+        import threading
+
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.flag = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        if self.enabled:
+            import signal
+
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def requested(self) -> bool:
+        """The flag, OR-ed over all processes (they must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.flag))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +134,21 @@ class LoopConfig:
     checkpoints: bool = True  # False: no checkpoints at all (metrics and plots are still written)
     progress: bool = True  # tqdm bar
     resume: bool = True  # continue from the latest checkpoint in workdir if there is one
+    prefetch: int = 2  # batches placed on the devices ahead by a background thread (0: inline)
+    handle_sigterm: bool = True  # on SIGTERM (preemption): checkpoint at the next log step and raise Preempted
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-        if self.checkpoint_every < 0 or self.eval_every < 0:
-            raise ValueError("checkpoint_every and eval_every must be >= 0")
+        if self.checkpoint_every < 0 or self.eval_every < 0 or self.prefetch < 0:
+            raise ValueError("checkpoint_every, eval_every and prefetch must be >= 0")
         if self.checkpoint_every and self.checkpoint_every % self.log_every:
             # a resumed run must start on a log boundary to write the same rows as an uninterrupted one
-            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})")
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})"
+            )
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -294,7 +348,10 @@ def plot_history(rows: list[Mapping[str, Any]], path: str | Path, title: str = "
         return [p[0] for p in pts], [p[1] for p in pts]
 
     panels = [("loss", ["train/loss", "eval/loss"]), ("accuracy", ["train/accuracy", "eval/accuracy"])]
-    extra = sorted({k for r in rows for k in r if k.startswith(("train/", "eval/"))} - {"train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "eval/count", "train/grad_norm"})
+    extra = sorted(
+        {k for r in rows for k in r if k.startswith(("train/", "eval/"))}
+        - {"train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "eval/count", "train/grad_norm"}
+    )
     if extra:
         panels.append(("other metrics", extra))
     if any("lr" in r for r in rows):
@@ -430,7 +487,7 @@ class Trainer:
     def _fit(self, state, get_batch, eval_data, ckpt, writer, workdir, extra, desc):
         cfg = self.config
         start = int(jax.device_get(state.step))
-        if ckpt is not None and cfg.resume and (last := ckpt.latest_step()) is not None:
+        if ckpt is not None and cfg.resume and ckpt.latest_step() is not None:
             state = ckpt.restore(state)
             start = int(jax.device_get(state.step))
             writer.truncate_after(start)
@@ -457,9 +514,11 @@ class Trainer:
 
         bar = _progress(cfg.progress, cfg.steps, start, desc)
         post: dict[str, str] = {}
+        batches = self._device_batches(get_batch, start, cfg.steps)
+        sigterm = _SigtermFlag(cfg.handle_sigterm)
         try:
-            for s in range(start, cfg.steps):
-                batch = train.shard_batch(self.mesh, get_batch(s))
+            sigterm.__enter__()
+            for s, batch in zip(range(start, cfg.steps), batches):
                 state, metrics = self.train_step(state, batch, extra)
                 step = s + 1  # updates done
                 pending.append((step, metrics))
@@ -482,7 +541,10 @@ class Trainer:
                     post["loss"] = f"{row.get('train/loss', float('nan')):.4f}"
                     bar.set_postfix(post)
                 if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
-                    ev = {"step": step, **(eval_data(state) if callable(eval_data) else self.evaluate(state, eval_data, extra))}
+                    ev = {
+                        "step": step,
+                        **(eval_data(state) if callable(eval_data) else self.evaluate(state, eval_data, extra)),
+                    }
                     writer.write(ev)
                     history.append(ev)
                     post["eval_acc"] = f"{ev.get('eval/accuracy', float('nan')):.4f}"
@@ -492,7 +554,18 @@ class Trainer:
                 if ckpt is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or final):
                     drain()  # never checkpoint a state whose steps were not all finite
                     last_ckpt = ckpt.save(state)
+                if step % cfg.log_every == 0 and not final and sigterm.requested():
+                    # stop on a log boundary, so the resumed run writes the rows an uninterrupted one would
+                    if ckpt is not None and last_ckpt != step:
+                        last_ckpt = ckpt.save(state)
+                    if ckpt is not None:
+                        ckpt.wait()
+                    raise Preempted(step, last_ckpt if ckpt is not None else None)
         finally:
+            sigterm.__exit__()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops the prefetch thread
             bar.close()
         if ckpt is not None:
             ckpt.wait()
@@ -501,6 +574,16 @@ class Trainer:
             plot_history(rows, workdir / "metrics.png", title=desc)
         _info(f"{desc}: {cfg.steps - start} steps in {time.perf_counter() - t0:.1f}s")
         return state, history
+
+    def _device_batches(
+        self, get_batch: Callable[[int], Batch], start: int, stop: int
+    ) -> Iterator[dict[str, jax.Array]]:
+        host = (get_batch(s) for s in range(start, stop))
+        if self.config.prefetch:
+            from jtkd.data.pipeline import prefetch_to_mesh
+
+            return prefetch_to_mesh(host, self.mesh, self.config.prefetch)
+        return (train.shard_batch(self.mesh, b) for b in host)
 
 
 def setup_logging(level: int = 20) -> None:

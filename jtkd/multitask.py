@@ -99,9 +99,7 @@ def _task_ce(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> tu
     return ce * valid, correct * valid, valid
 
 
-def multitask_loss(
-    weights: Mapping[str, float], label_smoothing: float = 0.0, train_mode: bool = True
-) -> train.LossFn:
+def multitask_loss(weights: Mapping[str, float], label_smoothing: float = 0.0, train_mode: bool = True) -> train.LossFn:
     """L = sum_t w_t * mean_{i: y_i^t >= 0} CE(logits_t(x_i), y_i^t)  (per-device mean, as train.LossFn).
 
     A task with no labelled example on a device contributes 0 there. Metrics: 'loss' (the weighted
@@ -114,7 +112,9 @@ def multitask_loss(
     def loss_fn(params, state, batch, rng, extra):
         variables = {"params": params, "batch_stats": state.batch_stats}
         if train_mode:
-            outputs, mutated = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+            outputs, mutated = state.apply_fn(
+                variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+            )
             batch_stats = mutated.get("batch_stats", state.batch_stats)
         else:
             outputs, batch_stats = state.apply_fn(variables, batch["image"], train=False), state.batch_stats

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -38,7 +38,12 @@ FAMILY_STAGES: dict[str, tuple[str, ...]] = {
 }
 
 # Leaves that are never weight-decayed whatever their rank (position embeddings, class tokens, ...).
-NO_DECAY_DEFAULT: tuple[str, ...] = (r".*pos_embed.*", r".*class_token", r".*cls_token", r".*relative_position_bias_table")
+NO_DECAY_DEFAULT: tuple[str, ...] = (
+    r".*pos_embed.*",
+    r".*class_token",
+    r".*cls_token",
+    r".*relative_position_bias_table",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +86,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     if cfg.schedule == "cosine":
         main = optax.cosine_decay_schedule(cfg.lr, decay_steps=rest, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "step":
-        bounds = sorted({max(int(round(b * total_steps)) - warmup, 1) for b in cfg.step_boundaries})
+        bounds = sorted({max(round(b * total_steps) - warmup, 1) for b in cfg.step_boundaries})
         main = optax.piecewise_constant_schedule(cfg.lr, {b: cfg.step_factor for b in bounds})
     elif cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
@@ -97,7 +102,9 @@ def _path_names(path: tuple) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def decay_mask(params: PyTree, decay_norms_and_biases: bool = False, no_decay: Sequence[str] = NO_DECAY_DEFAULT) -> PyTree:
+def decay_mask(
+    params: PyTree, decay_norms_and_biases: bool = False, no_decay: Sequence[str] = NO_DECAY_DEFAULT
+) -> PyTree:
     """True where weight decay applies: rank >= 2 leaves (kernels), never `no_decay` names.
 
     Norm scales/biases and all biases are rank 1, so they are skipped unless decay_norms_and_biases.
@@ -125,7 +132,7 @@ def top_level_names(params: Mapping[str, Any], model: str | None = None) -> list
     return order + [n for n in params if n not in order]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def definition_order(model: str) -> tuple[str, ...]:
     """The model's top-level parameter names in creation order (traced abstractly: no compute)."""
     from jtkd.models import create, get_spec
@@ -231,7 +238,7 @@ def trainable_mask(
         frozen = {n for s in plan[:freeze_stages] for n in s}
     else:
         raise ValueError(f"unknown mode {mode!r}; choose full, scratch, linear or partial")
-    return {k: jax.tree.map(lambda _, t=(k not in frozen): t, v) for k, v in params.items()}
+    return {k: _fill(v, k not in frozen) for k, v in params.items()}
 
 
 def layer_lr_scales(
@@ -246,7 +253,11 @@ def layer_lr_scales(
     head = list(head) if head is not None else head_names(model, params)
     plan = stage_plan(params, model=model, stages=stages, head=head)
     scale = {n: decay ** (len(plan) - i) for i, s in enumerate(plan) for n in s}
-    return {k: jax.tree.map(lambda _, s=scale.get(k, 1.0): s, v) for k, v in params.items()}
+    return {k: _fill(v, scale.get(k, 1.0)) for k, v in params.items()}
+
+
+def _fill(tree: PyTree, value: Any) -> PyTree:
+    return jax.tree.map(lambda _: value, tree)
 
 
 def stop_frozen_gradients(params: PyTree, trainable: PyTree | None) -> PyTree:
@@ -274,8 +285,10 @@ def scale_by_tree(scales: PyTree) -> optax.GradientTransformation:
 
     def update(updates: PyTree, state: _Empty, params: PyTree | None = None) -> tuple[PyTree, _Empty]:
         del params
-        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-        out = jax.tree.map(lambda u, s: u if masked(u) else u * jnp.asarray(s, u.dtype), updates, scales, is_leaf=masked)
+        masked = lambda x: isinstance(x, optax.MaskedNode)
+        out = jax.tree.map(
+            lambda u, s: u if masked(u) else u * jnp.asarray(s, u.dtype), updates, scales, is_leaf=masked
+        )
         return out, state
 
     return optax.GradientTransformation(init, update)
@@ -297,7 +310,7 @@ def make_optimizer(
     cfg.validate()
     schedule = make_schedule(cfg, total_steps)
     # a callable mask is evaluated on the (possibly multi_transform-masked) parameter tree it is given
-    mask = lambda p: decay_mask(p, cfg.decay_norms_and_biases)  # noqa: E731
+    mask = lambda p: decay_mask(p, cfg.decay_norms_and_biases)
     parts: list[optax.GradientTransformation] = []
     if cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))

@@ -30,29 +30,35 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_d
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
+import jax
 
 if args.process_id >= 0:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes, process_id=args.process_id
+    )
 
-import numpy as np  # noqa: E402
+import numpy as np
+from engine_helpers import Tiny, dataset, init
 
-from engine_helpers import Tiny, dataset, init  # noqa: E402
-from jtkd import optim, train  # noqa: E402
-from jtkd.checkpoint import TrainCheckpointer  # noqa: E402
-from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer, classification_eval  # noqa: E402
+from jtkd import optim, train
+from jtkd.checkpoint import TrainCheckpointer
+from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer, classification_eval
 
 mesh = train.make_mesh()
 cfg = optim.OptimConfig(optimizer="adamw", lr=0.01, weight_decay=0.01, warmup_steps=2)
 variables = jax.device_get(init(Tiny(3)))
 tx = optim.make_optimizer(cfg, variables["params"], total_steps=args.steps)
 state = train.replicate(mesh, train.TrainState.create(Tiny(3, axis_name=train.AXIS).apply, variables, tx, seed=1))
-trainer = Trainer(mesh, train.classification_loss(), classification_eval(),
-                  config=LoopConfig(steps=args.steps, log_every=2, eval_every=0, checkpoint_every=2, max_to_keep=2,
-                                    progress=False, best_metric=""),
-                  schedule=optim.make_schedule(cfg, args.steps))
+trainer = Trainer(
+    mesh,
+    train.classification_loss(),
+    classification_eval(),
+    config=LoopConfig(
+        steps=args.steps, log_every=2, eval_every=0, checkpoint_every=2, max_to_keep=2, progress=False, best_metric=""
+    ),
+    schedule=optim.make_schedule(cfg, args.steps),
+)
 src = ArraySource(dataset(64, seed=1), batch_size=16, seed=0)  # each process reads its slice
 
 
@@ -67,8 +73,7 @@ if args.workdir:
     with TrainCheckpointer(os.path.join(args.workdir, "checkpoints")) as ck:
         latest = ck.latest_step()
 print(f"START latest={latest}", flush=True)
-state, rows = trainer.fit(state, data, EvalSource(dataset(30, seed=2), batch_size=8),
-                          workdir=args.workdir or None)
+state, rows = trainer.fit(state, data, EvalSource(dataset(30, seed=2), batch_size=8), workdir=args.workdir or None)
 params = jax.device_get(state.params)
 flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 np.savez(args.out, **flat)

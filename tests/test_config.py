@@ -12,8 +12,22 @@ from jtkd.finetune import FinetuneConfig
 def test_short_dotted_bool_tuple_and_literal_overrides():
     cfg = config.parse_args(
         FinetuneConfig(),
-        ["--mode", "partial", "--lr", "0.01", "--optim.schedule=step", "--no-precompute_features", "--loop.progress",
-         "false", "--stages", r"conv1|bn1|layer1_\d+,layer2_\d+", "--steps", "7", "--dtype", "bfloat16"],
+        [
+            "--mode",
+            "partial",
+            "--lr",
+            "0.01",
+            "--optim.schedule=step",
+            "--no-precompute_features",
+            "--loop.progress",
+            "false",
+            "--stages",
+            r"conv1|bn1|layer1_\d+,layer2_\d+",
+            "--steps",
+            "7",
+            "--dtype",
+            "bfloat16",
+        ],
     )
     assert cfg.mode == "partial" and cfg.optim.lr == 0.01 and cfg.optim.schedule == "step"
     assert cfg.precompute_features is False and cfg.loop.progress is False and cfg.loop.steps == 7

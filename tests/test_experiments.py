@@ -33,8 +33,25 @@ def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
 
     pth = tmp_path / "in.pth"
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), pth)
-    argv = ["--data", "digits", "--quick", "--checkpoint", str(pth), "--workdir", str(tmp_path / "run"),
-            "--mode", "partial", "--freeze_stages", "3", "--optimizer", "adamw", "--lr", "1e-3", "--label_smoothing", "0.1"]
+    argv = [
+        "--data",
+        "digits",
+        "--quick",
+        "--checkpoint",
+        str(pth),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--mode",
+        "partial",
+        "--freeze_stages",
+        "3",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--label_smoothing",
+        "0.1",
+    ]
     res = finetune.main(argv)
     assert res["steps"] == 3 and res["num_classes"] == 10 and 0 < res["trainable_params"] < res["total_params"]
     assert res["final_eval"]["eval/count"] == 450  # the whole digits test split, counted once
@@ -56,4 +73,6 @@ def test_finetune_cli_bad_input(tmp_path):
     with pytest.raises(ValueError, match="--data must be tfds:NAME, folder:PATH or digits"):
         finetune.main(["--data", "mnist", "--workdir", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        finetune.main(["--data", "digits", "--quick", "--checkpoint", str(tmp_path / "nope.pth"), "--workdir", str(tmp_path)])
+        finetune.main(
+            ["--data", "digits", "--quick", "--checkpoint", str(tmp_path / "nope.pth"), "--workdir", str(tmp_path)]
+        )

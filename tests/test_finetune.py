@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-
 from engine_helpers import Tiny, assert_bitwise_equal, dataset, init
+
 from jtkd import finetune, train
 from jtkd.finetune import FinetuneConfig
 from jtkd.loop import LoopConfig
@@ -25,13 +25,22 @@ def torch_sd():
 
 def _images(n, seed):
     rng = np.random.default_rng(seed)
-    return {"image": rng.standard_normal((n, 32, 32, 3)).astype(np.float32), "label": rng.integers(0, 3, n).astype(np.int32)}
+    return {
+        "image": rng.standard_normal((n, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 3, n).astype(np.int32),
+    }
 
 
 def _cfg(**kw):
-    base = dict(model="resnet18", image_size=32, batch_size=8, eval_batch_size=16, head_init="seeded",
-                optim=OptimConfig(lr=0.1, weight_decay=1e-3, schedule="constant"),
-                loop=LoopConfig(steps=3, log_every=1, progress=False))
+    base = dict(
+        model="resnet18",
+        image_size=32,
+        batch_size=8,
+        eval_batch_size=16,
+        head_init="seeded",
+        optim=OptimConfig(lr=0.1, weight_decay=1e-3, schedule="constant"),
+        loop=LoopConfig(steps=3, log_every=1, progress=False),
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -48,7 +57,9 @@ def test_cached_feature_probe_equals_frozen_backbone_probe(torch_sd):
         ft = finetune.Finetuner(cfg, v, 3, mesh)
         assert ft.probe is pre
         runs[pre], _ = ft.fit(v, data, test)
-    np.testing.assert_allclose(runs[True]["params"]["fc"]["kernel"], runs[False]["params"]["fc"]["kernel"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        runs[True]["params"]["fc"]["kernel"], runs[False]["params"]["fc"]["kernel"], rtol=1e-4, atol=1e-6
+    )
     start = finetune.initial_variables(_cfg(mode="linear"), 3, torch_sd)
     assert not np.allclose(runs[True]["params"]["fc"]["kernel"], start["params"]["fc"]["kernel"])
     for k in start["params"]:
@@ -78,15 +89,21 @@ def test_partial_bf16_freezes_stages_and_their_batchnorm(torch_sd):
             assert_bitwise_equal(out["batch_stats"][k], v["batch_stats"][k])
     for k in ("layer3_0", "layer4_1", "fc"):
         assert not np.array_equal(jax.tree.leaves(out["params"][k])[0], jax.tree.leaves(v["params"][k])[0]), k
-    assert not np.array_equal(out["batch_stats"]["layer3_0"]["bn1"]["mean"], v["batch_stats"]["layer3_0"]["bn1"]["mean"])
+    assert not np.array_equal(
+        out["batch_stats"]["layer3_0"]["bn1"]["mean"], v["batch_stats"]["layer3_0"]["bn1"]["mean"]
+    )
 
 
 def test_initial_variables_heads_and_errors(torch_sd):
     zero = finetune.initial_variables(_cfg(mode="full", head_init="zero"), 4, torch_sd)
     assert zero["params"]["fc"]["kernel"].shape == (512, 4) and not np.any(zero["params"]["fc"]["kernel"])
-    seeded = [finetune.initial_variables(_cfg(mode="full", seed=s), 4, torch_sd)["params"]["fc"]["kernel"] for s in (0, 0, 1)]
+    seeded = [
+        finetune.initial_variables(_cfg(mode="full", seed=s), 4, torch_sd)["params"]["fc"]["kernel"] for s in (0, 0, 1)
+    ]
     assert np.array_equal(seeded[0], seeded[1]) and not np.array_equal(seeded[0], seeded[2])
-    np.testing.assert_array_equal(zero["params"]["conv1"]["kernel"], torch_sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        zero["params"]["conv1"]["kernel"], torch_sd["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    )
     with pytest.raises(ValueError, match="pass a torch state_dict"):
         finetune.initial_variables(_cfg(mode="full"), 4, None)
     scratch = finetune.initial_variables(_cfg(mode="scratch"), 4, None)
@@ -108,7 +125,8 @@ def test_bn_modes_on_a_tiny_model():
         if bn != "train":  # running statistics everywhere: the inference forward exactly
             np.testing.assert_allclose(loss, train.cross_entropy(ref, batch["label"]), rtol=1e-6)
     _, (stats, _) = finetune.finetune_loss(bn="frozen_eval", frozen_modules=frozenset({"bn1"}))(
-        v["params"], state, batch, jax.random.key(0), None)
+        v["params"], state, batch, jax.random.key(0), None
+    )
     assert np.array_equal(stats["bn1"]["mean"], v["batch_stats"]["bn1"]["mean"])
     assert not np.array_equal(stats["layer1_1"]["mean"], v["batch_stats"]["layer1_1"]["mean"])
 

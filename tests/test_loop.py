@@ -6,11 +6,20 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from engine_helpers import Tiny, assert_bitwise_equal, dataset, init
+
 from jtkd import optim, train
 from jtkd.checkpoint import TrainCheckpointer
-from jtkd.loop import ArraySource, EvalSource, LoopConfig, NonFiniteError, Resumable, Trainer, classification_eval, read_jsonl
+from jtkd.loop import (
+    ArraySource,
+    EvalSource,
+    LoopConfig,
+    NonFiniteError,
+    Resumable,
+    Trainer,
+    classification_eval,
+    read_jsonl,
+)
 
 N_DEV = min(jax.device_count(), 4)
 
@@ -23,8 +32,13 @@ def _setup(steps=12, lr=0.05, **loop_kw):
     tx = optim.make_optimizer(cfg, variables["params"], total_steps=steps)
     kw = dict(steps=steps, log_every=2, eval_every=4, checkpoint_every=4, progress=False, async_checkpoint=True)
     kw.update(loop_kw)
-    trainer = Trainer(mesh, train.classification_loss(), classification_eval(), config=LoopConfig(**kw),
-                      schedule=optim.make_schedule(cfg, steps))
+    trainer = Trainer(
+        mesh,
+        train.classification_loss(),
+        classification_eval(),
+        config=LoopConfig(**kw),
+        schedule=optim.make_schedule(cfg, steps),
+    )
 
     def fresh_state():
         return train.replicate(mesh, train.TrainState.create(model.apply, variables, tx, seed=3))
@@ -70,7 +84,9 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
     for part in ("params", "batch_stats", "opt_state", "rng", "step"):
         assert_bitwise_equal(getattr(ref, part), getattr(resumed, part))
     # the log after resume is the log of the uninterrupted run (rows past step 8 were replaced)
-    assert _rows(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == _rows(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+    assert _rows(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == _rows(
+        read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    )
     assert _rows(ref_rows) == _rows(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
 
 
@@ -81,7 +97,7 @@ def test_same_seed_same_metrics_and_params(tmp_path):
     b, rows_b = trainer.fit(fresh(), _data()[0], ev)
     assert _rows(rows_a) == _rows(rows_b) and len(rows_a) > 3
     assert_bitwise_equal(a.params, b.params)
-    c, rows_c = trainer.fit(fresh(), _data(seed=1)[0], ev)  # another data order: different run
+    _, rows_c = trainer.fit(fresh(), _data(seed=1)[0], ev)  # another data order: different run
     assert _rows(rows_c) != _rows(rows_a)
 
 
@@ -194,3 +210,30 @@ def test_outputs_jsonl_and_png(tmp_path):
 def test_loop_config_rejects_misaligned_checkpoints():
     with pytest.raises(ValueError, match="multiple of log_every"):
         LoopConfig(steps=10, log_every=3, checkpoint_every=4).validate()
+
+
+def test_sigterm_checkpoints_on_a_log_step_and_resume_is_identical(tmp_path):
+    import os
+    import signal
+
+    from jtkd.loop import Preempted
+
+    trainer, fresh = _setup(steps=12)
+    src, ev = _data()
+    ref, _ = trainer.fit(fresh(), src, ev, workdir=tmp_path / "ref")
+
+    def preempt_at_5(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a cloud scheduler sends before reclaiming the host
+        return src(step)
+
+    with pytest.raises(Preempted, match="Run the same command again") as info:
+        trainer.fit(fresh(), preempt_at_5, ev, workdir=tmp_path / "run")
+    # the data thread runs ahead of the step, so the stop lands on a log step at or before ~6
+    assert info.value.step % 2 == 0 and 2 <= info.value.step < 12 and info.value.checkpoint == info.value.step
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    resumed, _ = trainer.fit(fresh(), src, ev, workdir=tmp_path / "run")
+    assert_bitwise_equal(ref.params, resumed.params)
+    assert _rows(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == _rows(
+        read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    )

@@ -26,16 +26,39 @@ def test_two_processes_agree_with_one(tmp_path):
     port = _free_port()
     base = [sys.executable, str(WORKER), "--steps", "6"]
     procs = [
-        subprocess.Popen(base + ["--out", str(tmp_path / f"p{i}.npz"), "--workdir", str(tmp_path / "mh"), "--process_id",
-                                 str(i), "--num_processes", "2", "--port", str(port), "--local_devices", "2"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            base
+            + [
+                "--out",
+                str(tmp_path / f"p{i}.npz"),
+                "--workdir",
+                str(tmp_path / "mh"),
+                "--process_id",
+                str(i),
+                "--num_processes",
+                "2",
+                "--port",
+                str(port),
+                "--local_devices",
+                "2",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     logs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, logs):
         assert p.returncode == 0, err[-3000:]
-    single = subprocess.run(base + ["--out", str(tmp_path / "one.npz"), "--local_devices", "4"], env=env,
-                            capture_output=True, text=True, timeout=600)
+    single = subprocess.run(  # noqa: PLW1510  the return code is asserted below
+        base + ["--out", str(tmp_path / "one.npz"), "--local_devices", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     p0, p1, one = (np.load(tmp_path / f) for f in ("p0.npz", "p1.npz", "one.npz"))

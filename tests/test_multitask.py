@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 import torchvision
-
 from engine_helpers import Tiny, dataset
+
 from jtkd import models, train
 from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer
 from jtkd.multitask import MultiTaskModel, multitask_eval, multitask_loss, multitask_variables, stack_labels
@@ -46,11 +46,14 @@ def test_weighted_loss_formula_and_gradient_routing():
     batch["label/parity"][:2] = -1  # unlabelled for this task
     loss_fn = multitask_loss({"digit": 1.0, "parity": 0.0}, train_mode=False)
     (loss, (_, metrics)), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, state, batch, jax.random.key(0), None), has_aux=True)(state.params)
+        lambda p: loss_fn(p, state, batch, jax.random.key(0), None), has_aux=True
+    )(state.params)
     out = model.apply(state.variables, batch["image"])
-    ce = lambda lg, y: -np.take_along_axis(np.asarray(jax.nn.log_softmax(lg)), y[:, None], 1)[:, 0]  # noqa: E731
+    ce = lambda lg, y: -np.take_along_axis(np.asarray(jax.nn.log_softmax(lg)), y[:, None], 1)[:, 0]
     np.testing.assert_allclose(metrics["loss/digit"], ce(out["digit"], batch["label/digit"]).mean(), rtol=1e-6)
-    np.testing.assert_allclose(metrics["loss/parity"], ce(out["parity"][2:], batch["label/parity"][2:]).mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        metrics["loss/parity"], ce(out["parity"][2:], batch["label/parity"][2:]).mean(), rtol=1e-6
+    )
     np.testing.assert_allclose(loss, metrics["loss/digit"], rtol=1e-6)
     # a zero-weight task's head gets no gradient; the other head and the backbone do
     assert not any(np.any(g) for g in jax.tree.leaves(grads["head_parity"]))
@@ -68,8 +71,12 @@ def test_training_lowers_every_task_loss_on_four_devices():
     mesh = train.make_mesh(min(jax.device_count(), 4))
     model = _model(axis_name=train.AXIS)
     state = train.replicate(mesh, _state(model, optax.adam(0.02)))
-    trainer = Trainer(mesh, multitask_loss({"digit": 1.0, "parity": 0.5}), multitask_eval(["digit", "parity"]),
-                      config=LoopConfig(steps=30, log_every=10, progress=False))
+    trainer = Trainer(
+        mesh,
+        multitask_loss({"digit": 1.0, "parity": 0.5}),
+        multitask_eval(["digit", "parity"]),
+        config=LoopConfig(steps=30, log_every=10, progress=False),
+    )
     test = EvalSource(_data(30, seed=2), batch_size=8)
     before = trainer.evaluate(state, test)
     state, rows = trainer.fit(state, ArraySource(_data(64, seed=1), batch_size=16, seed=0), test)
@@ -91,7 +98,8 @@ def test_backbone_from_torchvision_weights():
 
     ref = convert("resnet18", sd)
     ref_feats = models.create("resnet18", num_classes=0).apply(
-        {"params": {k: p for k, p in ref["params"].items() if k != "fc"}, "batch_stats": ref["batch_stats"]}, x)
+        {"params": {k: p for k, p in ref["params"].items() if k != "fc"}, "batch_stats": ref["batch_stats"]}, x
+    )
     np.testing.assert_array_equal(np.asarray(feats), np.asarray(ref_feats))
     out = model.apply(v, x)
     assert not np.any(np.asarray(out["a"])) and out["b"].shape == (2, 2)  # zero-initialised heads

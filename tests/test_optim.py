@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 import torch
-
 from engine_helpers import HEAD, STAGES, Tiny, assert_bitwise_equal, dataset, init
+
 from jtkd import finetune, models, optim, train
 from jtkd.optim import OptimConfig
 
@@ -24,11 +24,19 @@ def test_warmup_cosine_and_step_schedules():
 
 
 def test_decay_mask_skips_norms_biases_and_embeddings():
-    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4)}, "bn": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
-              "pos_embedding": jnp.ones((1, 5, 4)), "fc": {"kernel": jnp.ones((4, 2))}}
+    params = {
+        "conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4)},
+        "bn": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+        "pos_embedding": jnp.ones((1, 5, 4)),
+        "fc": {"kernel": jnp.ones((4, 2))},
+    }
     m = optim.decay_mask(params)
-    assert m == {"conv": {"kernel": True, "bias": False}, "bn": {"scale": False, "bias": False},
-                 "pos_embedding": False, "fc": {"kernel": True}}
+    assert m == {
+        "conv": {"kernel": True, "bias": False},
+        "bn": {"scale": False, "bias": False},
+        "pos_embedding": False,
+        "fc": {"kernel": True},
+    }
     assert all(jax.tree.leaves(optim.decay_mask(params, decay_norms_and_biases=True, no_decay=())))
 
 
@@ -36,16 +44,32 @@ def test_resnet_stage_plan_and_masks_survive_sorted_dicts():
     params = jax.eval_shape(lambda: models.init("resnet18", jax.random.key(0), 32, num_classes=3))["params"]
     shuffled = dict(sorted(params.items()))  # what any jax.tree op returns: definition order is lost
     plan = optim.stage_plan(shuffled, model="resnet18")
-    assert plan == [["conv1", "bn1", "layer1_0", "layer1_1"], ["layer2_0", "layer2_1"], ["layer3_0", "layer3_1"], ["layer4_0", "layer4_1"]]
+    assert plan == [
+        ["conv1", "bn1", "layer1_0", "layer1_1"],
+        ["layer2_0", "layer2_1"],
+        ["layer3_0", "layer3_1"],
+        ["layer4_0", "layer4_1"],
+    ]
     mask = optim.trainable_mask(shuffled, "partial", freeze_stages=2, model="resnet18")
     assert {k: all(jax.tree.leaves(v)) for k, v in mask.items()} == {
-        k: not (k in ("conv1", "bn1") or k.startswith(("layer1", "layer2"))) for k in params}
+        k: not (k in ("conv1", "bn1") or k.startswith(("layer1", "layer2"))) for k in params
+    }
     lin = optim.trainable_mask(shuffled, "linear", model="resnet18")
     assert [k for k, v in lin.items() if all(jax.tree.leaves(v))] == ["fc"]
     scales = optim.layer_lr_scales(shuffled, 0.5, model="resnet18")
     assert {k: jax.tree.leaves(v)[0] for k, v in scales.items()} == {
-        "conv1": 0.0625, "bn1": 0.0625, "layer1_0": 0.0625, "layer1_1": 0.0625, "layer2_0": 0.125, "layer2_1": 0.125,
-        "layer3_0": 0.25, "layer3_1": 0.25, "layer4_0": 0.5, "layer4_1": 0.5, "fc": 1.0}
+        "conv1": 0.0625,
+        "bn1": 0.0625,
+        "layer1_0": 0.0625,
+        "layer1_1": 0.0625,
+        "layer2_0": 0.125,
+        "layer2_1": 0.125,
+        "layer3_0": 0.25,
+        "layer3_1": 0.25,
+        "layer4_0": 0.5,
+        "layer4_1": 0.5,
+        "fc": 1.0,
+    }
     # generic fallback: one stage per top-level module in definition order
     assert optim.stage_plan(shuffled, model="resnet18", stages=())[:3] == [["conv1"], ["bn1"], ["layer1_0"]]
 
@@ -78,7 +102,7 @@ def test_frozen_parameters_stay_bit_identical(name):
     step = train.make_train_step(mesh, loss)
     data = dataset(16)
     for i in range(4):
-        state, metrics = step(state, train.shard_batch(mesh, {k: v[i * 4:(i + 1) * 4] for k, v in data.items()}))
+        state, _ = step(state, train.shard_batch(mesh, {k: v[i * 4 : (i + 1) * 4] for k, v in data.items()}))
     out = jax.device_get(state)
     for k in frozen:
         assert_bitwise_equal(out.params[k], params[k])
@@ -101,8 +125,11 @@ def test_layer_decay_scales_updates_and_clipping_bounds_them():
     u, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(u["fc"]["kernel"], -0.3)
     np.testing.assert_allclose(u["a"]["kernel"], -0.15)
-    clipped = optim.make_optimizer(OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant", grad_clip_norm=1.0),
-                                   params, total_steps=10)
+    clipped = optim.make_optimizer(
+        OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant", grad_clip_norm=1.0),
+        params,
+        total_steps=10,
+    )
     u, _ = clipped.update(grads, clipped.init(params), params)
     np.testing.assert_allclose(optax.global_norm(u), 0.1, rtol=1e-6)  # |g| = 6 clipped to 1, times lr
 

@@ -18,8 +18,18 @@ STEPS = 24
 
 
 def _cmd(workdir, out, sleep=0.0):
-    return [sys.executable, str(WORKER), "--workdir", str(workdir), "--steps", str(STEPS), "--out", str(out),
-            "--sleep", str(sleep)]
+    return [
+        sys.executable,
+        str(WORKER),
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(STEPS),
+        "--out",
+        str(out),
+        "--sleep",
+        str(sleep),
+    ]
 
 
 def _env():
@@ -42,8 +52,13 @@ def test_sigkill_mid_training_then_resume_is_bitwise_identical(tmp_path):
     assert "START latest=None" in out and "DONE" in out
 
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run, tmp_path / "killed.npz", sleep=0.25), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        _cmd(run, tmp_path / "killed.npz", sleep=0.25),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None and not any(s >= 6 for s in _steps(run)):
         time.sleep(0.1)
@@ -63,5 +78,5 @@ def test_sigkill_mid_training_then_resume_is_bitwise_identical(tmp_path):
     assert sorted(ref.files) == sorted(res.files) and ref.files
     for k in ref.files:
         assert np.array_equal(ref[k].view(np.uint8), res[k].view(np.uint8)), k
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]
     assert strip(read_jsonl(run / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
