@@ -171,7 +171,6 @@ def test_stratified_split_and_few_shot_of_a_folder(tmp_path):
     for k in range(len(shot)):  # a subset of a subset indexes through both
         want = ds[int(tr.indices[shot.indices[k]])]
         assert shot[k]["label"] == want["label"] and shot[k]["image"].tobytes() == want["image"].tobytes()
-    }
     np.testing.assert_array_equal(data.few_shot(tr, 2, seed=1).indices, shot.indices)
     assert shot[0]["label"] == shot.labels[0]
     b = next(data.batches(shot, 6, transform=data.EvalTransform(4, resize_size=4), process_index=0, process_count=1))
