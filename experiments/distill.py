@@ -61,16 +61,15 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import torch  # noqa: E402,F401  before tensorflow (tfds): see the README on the triton segfault
+import jax
+import jax.numpy as jnp
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from jtkd import config as cfglib  # noqa: E402
-from jtkd import data, distill, models, optim, train  # noqa: E402
-from jtkd.distill import DistillConfig  # noqa: E402
-from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer, classification_eval, read_jsonl  # noqa: E402
-from jtkd.optim import OptimConfig  # noqa: E402
+from jtkd import config as cfglib
+from jtkd import data, distill, models, optim, train
+from jtkd.distill import DistillConfig
+from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer, classification_eval, read_jsonl
+from jtkd.optim import OptimConfig
 
 log = logging.getLogger("jtkd.distill")
 
@@ -105,6 +104,7 @@ class DistillRun:
     quick: bool = False  # a much smaller --table (tests, smoke runs)
     table_teacher: str = "resnet34"  # trained here in PyTorch when --teacher is not given
     teacher_epochs: int = 8
+    torch_threads: int = 1  # PyTorch intra-op threads for the teacher (1 is fastest on small, shared CPUs)
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = ("ce", "kd", "dkd", "at", "fitnet")
 
@@ -345,13 +345,15 @@ def run_single(cfg: DistillRun) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- torch teacher
 def train_torch_teacher(
-    name: str, train_split: Split, eval_split: Split, path: Path, epochs: int, seed: int = 0, batch_size: int = 64
+    name: str, train_split: Split, eval_split: Split, path: Path, epochs: int, seed: int = 0, batch_size: int = 64,
+    threads: int = 1,
 ) -> dict[str, float]:
     """Train torchvision `name` on in-memory data with PyTorch (AdamW, one-cycle, shift augmentation) and
     save its state_dict: the 'teacher from somewhere else' a user brings."""
     import torchvision
     from tqdm.auto import tqdm
 
+    torch.set_num_threads(threads)  # small convolutions: extra threads mostly wait on each other
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = torchvision.models.get_model(name, num_classes=train_split.num_classes)
@@ -405,7 +407,7 @@ def quick_config(cfg: DistillRun) -> DistillRun:
 def table_defaults(cfg: DistillRun) -> DistillRun:
     """The digits study's settings where the command line left the single-run defaults."""
     base = DistillRun()
-    pick = lambda value, default, table_value: table_value if value == default else value  # noqa: E731
+    pick = lambda value, default, table_value: table_value if value == default else value
     loop = dataclasses.replace(
         cfg.loop,
         steps=pick(cfg.loop.steps, base.loop.steps, 150),
@@ -442,7 +444,8 @@ def run_table(cfg: DistillRun) -> dict[str, Any]:
     if not specs:
         path = root / f"teacher_{cfg.table_teacher}_{cfg.image_size}px.pth"
         if not path.exists():
-            teacher_info.update(train_torch_teacher(cfg.table_teacher, full_train, eval_split, path, cfg.teacher_epochs))
+            teacher_info.update(train_torch_teacher(cfg.table_teacher, full_train, eval_split, path, cfg.teacher_epochs,
+                                                    threads=cfg.torch_threads))
         specs = (f"{cfg.table_teacher}:{path}",)
     cfg = dataclasses.replace(cfg, teacher=specs)
     teachers = load_teachers(cfg, eval_split.num_classes, distill.make_objective(DistillConfig("kd")))
@@ -525,9 +528,12 @@ def write_table(summary: dict[str, Any], root: Path) -> None:
         + (f", {t['torch_accuracy']:.4f} in torch" if "torch_accuracy" in t else "")
         + (f", max |logit difference| {t['max_abs_logit_diff_vs_torch']:.2e}" if "max_abs_logit_diff_vs_torch" in t else "")
         + ".",
-        f"Student {s['student']} ({s['student_params'] / 1e6:.2f}M parameters) from scratch, {s['labels_per_class']} labels per class; distillation runs also see "
-        f"the rest of the train split without labels. {s['image_size']}x{s['image_size']} images, {s['steps']} steps of "
-        f"batch {s['batch_size']}, seeds {s['seeds']}. Test accuracy (449 images):",
+        (
+            f"Student {s['student']} ({s['student_params'] / 1e6:.2f}M parameters) from scratch, "
+            f"{s['labels_per_class']} labels per class; distillation runs also see the rest of the train split "
+            f"without labels. {s['image_size']}x{s['image_size']} images, {s['steps']} steps of batch "
+            f"{s['batch_size']}, seeds {s['seeds']}. Test accuracy (449 images):"
+        ),
         "",
         "| method | mean | std | min | max | per seed |",
         "| --- | --- | --- | --- | --- | --- |",

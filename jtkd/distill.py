@@ -161,6 +161,32 @@ def _logit_term(cfg: DistillConfig, method: str) -> TermFn:
     return term
 
 
+def _feature_pair_loss(cfg: DistillConfig, method: str) -> Callable[[View, View, int], Array]:
+    """loss(student view, teacher view, teacher index) of one feature method."""
+    if method == "fitnet":
+        layer = cfg.hint_layer
+        return lambda s, t, k: losses.hint_loss(s.projected[connector_name(layer, k)], t.features[layer])
+    if method == "at":
+        names, p = cfg.at_layers, cfg.at_p
+        return lambda s, t, k: sum(losses.at_loss(s.features[n], t.features[n], p) for n in names)
+    e = cfg.embedding
+    if method == "rkd":
+        wd, wa = cfg.rkd_distance_weight, cfg.rkd_angle_weight
+        return lambda s, t, k: losses.rkd_loss(s.features[e], t.features[e], wd, wa)
+    return lambda s, t, k: losses.pkt_loss(s.features[e], t.features[e])
+
+
+def _logit_or_feature_term(cfg: DistillConfig, m: str, lam: float) -> Term:
+    if m in LOGIT_METHODS:
+        return Term(m, lam, _logit_term(cfg, m), uses_logits=True)
+    fn = _mean_over_teachers(_feature_pair_loss(cfg, m))
+    if m == "fitnet":
+        return Term(m, lam, fn, (cfg.hint_layer,), (cfg.hint_layer,), hint=cfg.hint_layer)
+    if m == "at":
+        return Term(m, lam, fn, cfg.at_layers, cfg.at_layers)
+    return Term(m, lam, fn, (cfg.embedding,), (cfg.embedding,), relational=True)  # rkd, pkt
+
+
 def make_objective(cfg: DistillConfig) -> Objective:
     """The loss `ce_weight * CE + sum_i lambda_i l_i` that `cfg.method` names."""
     names = [m.strip() for m in cfg.method.split("+") if m.strip()]
@@ -179,24 +205,7 @@ def make_objective(cfg: DistillConfig) -> Objective:
         if m == "ce":
             continue
         lam = cfg.weights[i] if cfg.weights is not None else _DEFAULTS[m][1]
-        if m in LOGIT_METHODS:
-            terms.append(Term(m, lam, _logit_term(cfg, m), uses_logits=True))
-        elif m == "fitnet":
-            layer = cfg.hint_layer
-            fn = _mean_over_teachers(lambda s, t, k, L=layer: losses.hint_loss(s.projected[connector_name(L, k)], t.features[L]))
-            terms.append(Term(m, lam, fn, (layer,), (layer,), hint=layer))
-        elif m == "at":
-            ls, p = cfg.at_layers, cfg.at_p
-            fn = _mean_over_teachers(lambda s, t, k: sum(losses.at_loss(s.features[L], t.features[L], p) for L in ls))
-            terms.append(Term(m, lam, fn, ls, ls))
-        elif m == "rkd":
-            e, wd, wa = cfg.embedding, cfg.rkd_distance_weight, cfg.rkd_angle_weight
-            fn = _mean_over_teachers(lambda s, t, k: losses.rkd_loss(s.features[e], t.features[e], wd, wa))
-            terms.append(Term(m, lam, fn, (e,), (e,), relational=True))
-        elif m == "pkt":
-            e = cfg.embedding
-            fn = _mean_over_teachers(lambda s, t, k: losses.pkt_loss(s.features[e], t.features[e]))
-            terms.append(Term(m, lam, fn, (e,), (e,), relational=True))
+        terms.append(_logit_or_feature_term(cfg, m, lam))
     return Objective(ce_weight, tuple(terms), cfg.label_smoothing, cfg.teacher_weights)
 
 

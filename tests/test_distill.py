@@ -2,7 +2,6 @@
 (inference mode, no gradient, variables passed as `extra`), connectors train, 4 devices equal 1, cached
 teacher logits equal live ones, multi-teacher and multi-head students work, teachers load from torch."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -152,7 +151,7 @@ def test_four_devices_equal_one(method):
 
 
 def test_teacher_is_frozen_and_in_inference_mode():
-    mesh, _, module, state, step, t_mods, t_vars = _setup("kd", 4)
+    mesh, _, _, state, step, t_mods, t_vars = _setup("kd", 4)
     before = jax.tree.map(np.array, t_vars)
     batch = _batch(4)
     _, metrics = step(train.replicate(mesh, state), train.shard_batch(mesh, batch), train.replicate(mesh, t_vars))
@@ -167,7 +166,7 @@ def test_teacher_is_frozen_and_in_inference_mode():
 
 
 def test_teacher_variables_are_an_argument_not_a_constant():
-    mesh, _, _, state, step, t_mods, t_vars = _setup("kd", 4)
+    mesh, _, _, state, step, _, t_vars = _setup("kd", 4)
     batch = train.shard_batch(mesh, _batch(5))
     s = train.replicate(mesh, state)
     _, m1 = step(s, batch, train.replicate(mesh, t_vars))
@@ -218,7 +217,7 @@ def test_missing_feature_is_a_clear_error():
 
 def test_multi_teacher_kd_targets_the_averaged_distribution():
     teachers = [_teacher(1), _teacher(2, width=6)]
-    mesh, _, module, state, step, t_mods, t_vars = _setup("kd", 4, teachers=teachers, teacher_weights=(3.0, 1.0))
+    mesh, _, _, state, step, t_mods, t_vars = _setup("kd", 4, teachers=teachers, teacher_weights=(3.0, 1.0))
     batch = _batch(7)
     _, metrics = step(train.replicate(mesh, state), train.shard_batch(mesh, batch), train.replicate(mesh, t_vars))
     s_logits = _plain_student().apply(state.variables, batch["image"], train=True, mutable=["batch_stats"])[0]
