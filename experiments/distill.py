@@ -108,7 +108,8 @@ class DistillRun:
     teacher_epochs: int = 8
     torch_threads: int = 1  # PyTorch intra-op threads for the teacher (1 is fastest on small, shared CPUs)
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = ("ce", "kd", "dkd", "at", "fitnet")
+    # method[@lambda,...]; AT's CIFAR weight 1000 assumes 32x32..8x8 maps: 4x4/2x2 maps need ~1000 * 16/1024
+    methods: tuple[str, ...] = ("ce", "kd", "dkd", "at", "at@10", "fitnet", "kd+at@0.9,10")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -323,7 +324,7 @@ class Distiller:
         tb = cfg.transfer_batch_size or cfg.batch_size
         return MixedSource(labelled, ArraySource(self.transfer.arrays, tb, seed=seed + 7919, augment=augment))
 
-    def run(self, seed: int, workdir: str | Path, desc: str = "distill") -> dict[str, Any]:
+    def run(self, seed: int, workdir: str | Path, desc: str = "distill", label: str | None = None) -> dict[str, Any]:
         cfg = self.cfg
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +340,8 @@ class Distiller:
         state, _ = self.trainer.fit(state, self.data(seed), eval_data, workdir=workdir, extra=extra, desc=desc)
         final = self.trainer.evaluate(state, eval_data)
         result = {
-            "method": cfg.distill.method,
+            "method": label or cfg.distill.method,
+            "weights": list(cfg.distill.weights) if cfg.distill.weights else None,
             "seed": seed,
             "student": cfg.student + (f" (width {cfg.student_width})" if cfg.student_width else ""),
             "student_params": int(sum(np.size(p) for p in jax.tree.leaves(variables["params"].get("student", {})))),
@@ -388,6 +390,7 @@ def train_torch_teacher(
     import torchvision
     from tqdm.auto import tqdm
 
+    t0 = time.perf_counter()
     torch.set_num_threads(threads)  # small convolutions: extra threads mostly wait on each other
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -422,11 +425,19 @@ def train_torch_teacher(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     acc = float((logits.argmax(-1) == eval_split.arrays["label"]).mean())
-    np.save(path.with_suffix(".eval_logits.npy"), logits)
-    return {"torch_accuracy": acc}
+    np.save(path.with_suffix(".eval_logits.npy"), logits)  # for the conversion check
+    info = {"torch_accuracy": acc, "epochs": epochs, "seconds": time.perf_counter() - t0}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 # --------------------------------------------------------------------------------------- table
+def method_config(base: DistillConfig, entry: str) -> DistillConfig:
+    """A --methods entry: 'kd', 'kd+at', or with its own lambdas after '@' ('at@10', 'kd+at@0.9,10')."""
+    method, _, weights = entry.partition("@")
+    return dataclasses.replace(base, method=method, weights=tuple(float(w) for w in weights.split(",")) if weights else None)
+
+
 def quick_config(cfg: DistillRun) -> DistillRun:
     return dataclasses.replace(
         cfg,
@@ -479,8 +490,9 @@ def run_table(cfg: DistillRun) -> dict[str, Any]:
     if not specs:
         path = root / f"teacher_{cfg.table_teacher}_{cfg.image_size}px.pth"
         if not path.exists():
-            teacher_info.update(train_torch_teacher(cfg.table_teacher, full_train, eval_split, path, cfg.teacher_epochs,
-                                                    threads=cfg.torch_threads))
+            train_torch_teacher(cfg.table_teacher, full_train, eval_split, path, cfg.teacher_epochs, threads=cfg.torch_threads)
+        if path.with_suffix(".json").exists():
+            teacher_info.update(json.loads(path.with_suffix(".json").read_text()))
         specs = (f"{cfg.table_teacher}:{path}",)
     cfg = dataclasses.replace(cfg, teacher=specs)
     teachers = load_teachers(cfg, eval_split.num_classes, distill.make_objective(DistillConfig("kd")))
@@ -495,7 +507,7 @@ def run_table(cfg: DistillRun) -> dict[str, Any]:
 
     runs: list[dict[str, Any]] = []
     for method in cfg.methods:
-        mcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=method))
+        mcfg = dataclasses.replace(cfg, distill=method_config(cfg.distill, method))
         objective = distill.make_objective(mcfg.distill)
         d = None
         for seed in cfg.seeds:
@@ -508,7 +520,7 @@ def run_table(cfg: DistillRun) -> dict[str, Any]:
                 d = Distiller(mcfg, split, eval_split, teachers if objective.needs_teacher else None, transfer=transfer)
             else:  # same shapes: reuse the compiled step, swap the data
                 d.set_split(split, transfer)
-            runs.append(d.run(seed, run_dir, desc=f"{method} seed {seed}"))
+            runs.append(d.run(seed, run_dir, desc=f"{method} seed {seed}", label=method))
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: keep metrics, not 90 MB of state
             log.info("%s seed %d: %.4f", method, seed, runs[-1]["accuracy"])
     summary = summarise(runs, cfg, teacher_info, time.perf_counter() - t0)
@@ -552,6 +564,13 @@ _LABELS = {"ce": "student alone (CE on the labelled rows)", "kd": "KD (Hinton)",
            "fitnet": "FitNets", "rkd": "RKD", "pkt": "PKT", "lskd": "KD + logit standardisation"}
 
 
+def _label(entry: str) -> str:
+    method, _, weights = entry.partition("@")
+    names = " + ".join(_LABELS.get(m, m) for m in method.split("+"))
+    lam = [f"λ={w}" for w in weights.split(",")] if weights else []
+    return names + (f" ({', '.join(lam)})" if lam else "")
+
+
 def write_table(summary: dict[str, Any], root: Path) -> None:
     s = summary["setting"]
     t = summary["teacher"]
@@ -574,7 +593,7 @@ def write_table(summary: dict[str, Any], root: Path) -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary["rows"]:
-        lines.append(f"| {_LABELS.get(r['method'], r['method'])} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | "
+        lines.append(f"| {_label(r['method'])} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | "
                      f"{r['max']:.4f} | {', '.join(f'{a:.4f}' for a in r['per_seed'])} |")
     lines += ["", f"Total time {summary['seconds']:.0f} s (teacher training, compilation and all runs).", ""]
     (root / "results.md").write_text("\n".join(lines))
