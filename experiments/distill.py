@@ -24,6 +24,12 @@ class, against the same resnet18 trained on those labels alone, over several see
 
     python -m experiments.distill --table                 # runs/distill/results.{md,json,png}
     python -m experiments.distill --table --quick         # a smoke test in well under a minute of training
+    python -m experiments.distill --table --methods ce,kd,at@10,kd+at@0.9/10 --seeds 0,1,2,3,4
+
+(--methods entries: a method, optionally with its own lambdas after '@', '/'-separated.) The teacher
+is trained once and kept (runs/distill/teacher_resnet34_16px.pth); finished runs are reused, so an
+interrupted table resumes where it stopped. The student is a narrow resnet18 (--student_width 16,
+0.7M parameters against the teacher's 21M).
 
 CIFAR-100 with a GPU (the resnet32x4 -> resnet8x4 style of RepDistiller/mdistiller, with torchvision
 ResNets): fine-tune the teacher first (e.g. `python -m experiments.finetune --model resnet50 --data
@@ -109,7 +115,7 @@ class DistillRun:
     torch_threads: int = 1  # PyTorch intra-op threads for the teacher (1 is fastest on small, shared CPUs)
     seeds: tuple[int, ...] = (0, 1, 2)
     # method[@lambda,...]; AT's CIFAR weight 1000 assumes 32x32..8x8 maps: 4x4/2x2 maps need ~1000 * 16/1024
-    methods: tuple[str, ...] = ("ce", "kd", "dkd", "at", "at@10", "fitnet", "kd+at@0.9,10")
+    methods: tuple[str, ...] = ("ce", "kd", "dkd", "at", "at@10", "fitnet", "kd+at@0.9/10")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -433,9 +439,9 @@ def train_torch_teacher(
 
 # --------------------------------------------------------------------------------------- table
 def method_config(base: DistillConfig, entry: str) -> DistillConfig:
-    """A --methods entry: 'kd', 'kd+at', or with its own lambdas after '@' ('at@10', 'kd+at@0.9,10')."""
+    """A --methods entry: 'kd', 'kd+at', or with its own lambdas after "@" ("at@10", "kd+at@0.9/10")."""
     method, _, weights = entry.partition("@")
-    return dataclasses.replace(base, method=method, weights=tuple(float(w) for w in weights.split(",")) if weights else None)
+    return dataclasses.replace(base, method=method, weights=tuple(float(w) for w in weights.split("/")) if weights else None)
 
 
 def quick_config(cfg: DistillRun) -> DistillRun:
@@ -512,7 +518,7 @@ def run_table(cfg: DistillRun) -> dict[str, Any]:
         d = None
         for seed in cfg.seeds:
             split, transfer = few_labels(full_train, cfg.labels_per_class, seed, objective.needs_teacher)
-            run_dir = root / method / f"seed{seed}"
+            run_dir = root / _dirname(method) / f"seed{seed}"
             if (run_dir / "results.json").exists():  # the table resumes run by run
                 runs.append(json.loads((run_dir / "results.json").read_text()))
                 continue
@@ -564,10 +570,14 @@ _LABELS = {"ce": "student alone (CE on the labelled rows)", "kd": "KD (Hinton)",
            "fitnet": "FitNets", "rkd": "RKD", "pkt": "PKT", "lskd": "KD + logit standardisation"}
 
 
+def _dirname(entry: str) -> str:
+    return entry.replace("/", "_")
+
+
 def _label(entry: str) -> str:
     method, _, weights = entry.partition("@")
     names = " + ".join(_LABELS.get(m, m) for m in method.split("+"))
-    lam = [f"λ={w}" for w in weights.split(",")] if weights else []
+    lam = [f"λ={w}" for w in weights.split("/")] if weights else []
     return names + (f" ({', '.join(lam)})" if lam else "")
 
 
@@ -595,7 +605,19 @@ def write_table(summary: dict[str, Any], root: Path) -> None:
     for r in summary["rows"]:
         lines.append(f"| {_label(r['method'])} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | "
                      f"{r['max']:.4f} | {', '.join(f'{a:.4f}' for a in r['per_seed'])} |")
-    lines += ["", f"Total time {summary['seconds']:.0f} s (teacher training, compilation and all runs).", ""]
+    lines += [
+        "",
+        (f"Total time {summary['seconds']:.0f} s (teacher training, compilation and all runs; a run already in the "
+        "directory is reused, not repeated)."),
+        "",
+        ("How the runs are built: the student alone trains on its labelled rows only; a distillation step takes "
+        f"{s['batch_size']} labelled rows (cross-entropy) plus {s['batch_size']} rows of the unlabelled transfer set "
+        "(every train image; distillation terms only). With labelled and unlabelled rows drawn from one pool, a batch "
+        "held ~2 labels and the feature methods, which carry no class information, fell below the student alone. "
+        "AT is a mean over the H*W positions of each map, so its CIFAR weight 1000 (32x32..8x8 maps) is ~64x too "
+        "strong on these 4x4/2x2 maps: λ=10 is the same balance (1000 * 16/1024 ≈ 16)."),
+        "",
+    ]
     (root / "results.md").write_text("\n".join(lines))
     (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_table(summary, root / "results.png")
@@ -623,7 +645,7 @@ def plot_table(summary: dict[str, Any], path: Path) -> None:
     ax1.legend(fontsize=8)
     root = path.parent
     for r in rows:
-        rows_ = read_jsonl(root / r["method"] / f"seed{summary['setting']['seeds'][0]}" / "metrics.jsonl")
+        rows_ = read_jsonl(root / _dirname(r["method"]) / f"seed{summary['setting']['seeds'][0]}" / "metrics.jsonl")
         pts = [(x["step"], x["eval/accuracy"]) for x in rows_ if "eval/accuracy" in x]
         if pts:
             ax2.plot(*zip(*pts), marker="o", ms=3, label=r["method"])
