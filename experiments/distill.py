@@ -115,7 +115,7 @@ class DistillRun:
     torch_threads: int = 1  # PyTorch intra-op threads for the teacher (1 is fastest on small, shared CPUs)
     seeds: tuple[int, ...] = (0, 1, 2)
     # method[@lambda,...]; AT's CIFAR weight 1000 assumes 32x32..8x8 maps: 4x4/2x2 maps need ~1000 * 16/1024
-    methods: tuple[str, ...] = ("ce", "kd", "dkd", "at", "at@10", "fitnet", "kd+at@0.9/10")
+    methods: tuple[str, ...] = ("ce", "kd", "dkd", "at", "at@10", "fitnet", "fitnet@10", "kd+at@0.9/10")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -563,6 +563,7 @@ def summarise(runs: list[dict[str, Any]], cfg: DistillRun, teacher: dict[str, An
         "rows": rows,
         "runs": runs,
         "seconds": seconds,
+        "run_seconds": float(sum(r.get("seconds", 0.0) for r in runs)),
     }
 
 
@@ -577,7 +578,10 @@ def _dirname(entry: str) -> str:
 def _label(entry: str) -> str:
     method, _, weights = entry.partition("@")
     names = " + ".join(_LABELS.get(m, m) for m in method.split("+"))
-    lam = [f"λ={w}" for w in weights.split("/")] if weights else []
+    if weights:
+        lam = [f"λ={w}" for w in weights.split("/")]
+    else:  # the method's published default
+        lam = [f"λ={distill._DEFAULTS[m][1]:g} default" for m in method.split("+") if m != "ce"]
     return names + (f" ({', '.join(lam)})" if lam else "")
 
 
@@ -607,8 +611,9 @@ def write_table(summary: dict[str, Any], root: Path) -> None:
                      f"{r['max']:.4f} | {', '.join(f'{a:.4f}' for a in r['per_seed'])} |")
     lines += [
         "",
-        (f"Total time {summary['seconds']:.0f} s (teacher training, compilation and all runs; a run already in the "
-        "directory is reused, not repeated)."),
+        (f"Training time of the {len(summary['runs'])} runs (compilation included): {summary.get('run_seconds', 0):.0f} s"
+         + (f"; teacher training {t['seconds']:.0f} s" if "seconds" in t else "")
+         + f". This invocation: {summary['seconds']:.0f} s (finished runs found in the directory are reused)."),
         "",
         ("How the runs are built: the student alone trains on its labelled rows only; a distillation step takes "
         f"{s['batch_size']} labelled rows (cross-entropy) plus {s['batch_size']} rows of the unlabelled transfer set "
@@ -630,14 +635,14 @@ def plot_table(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     xs = np.arange(len(rows))
     ax1.bar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color="#7aa6c2")
     for i, r in enumerate(rows):
         ax1.scatter([i] * len(r["per_seed"]), r["per_seed"], color="k", s=10, zorder=3)
     for a in summary["teacher"]["jax_accuracy"]:
         ax1.axhline(a, color="r", ls="--", lw=1, label="teacher")
-    ax1.set_xticks(xs, [r["method"] for r in rows])
+    ax1.set_xticks(xs, [r["method"] for r in rows], rotation=30, ha="right")
     lo = min(min(r["per_seed"]) for r in rows)
     ax1.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax1.set_ylabel("test accuracy")
