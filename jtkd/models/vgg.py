@@ -46,7 +46,7 @@ def conv_stack(
     for item in cfg:
         if item[0] == "pool":
             x = layers.max_pool(x, item[1], item[2])
-            mod.feature(f"features_{i}", x)
+            mod.feature(f"features.{i}", x)
             i += 1
             continue
         _, out, k, s, p = item
