@@ -2,7 +2,8 @@
 
 The generic parity test keeps torchvision's init for everything but norms and biases; for some families
 that hides most of the network: ConvNeXt's layer_scale is 1e-6 (blocks contribute ~nothing) and ViT's
-head, class token are zero (logits are the head bias). Here those are random, so every block shows.
+head, class token are zero (logits are the head bias). Here those are random, so every block shows;
+Swin's relative position tables and v2's logit scales get values far from their init as well.
 """
 
 import re
@@ -45,7 +46,10 @@ def _check(name, model, size, atol=1e-4, **kw):
     np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("name,size", [("convnext_tiny", (97, 131)), ("vit_b_32", (224, 224))])
+@pytest.mark.parametrize(
+    "name,size",
+    [("convnext_tiny", (97, 131)), ("vit_b_32", (224, 224)), ("swin_t", (101, 135)), ("swin_v2_t", (33, 47))],
+)
 def test_perturbed_eval_parity(name, size):
     _check(name, _perturbed(name), size)
 
