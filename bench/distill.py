@@ -2,10 +2,10 @@
 
 Loss (Hinton et al. 2015), the same on both sides:
     L = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
-with T = 4, alpha = 0.9. jtkd: `make_train_step(mesh, loss_fn)` where the teacher's variables are
-the step's replicated `extra` argument (a traced input, not a baked-in constant). If `jtkd.distill`
-provides a step builder (branch `distill`), it is used instead; see `_jtkd_distill_loss`.
-PyTorch: teacher in eval mode under no_grad, student in train mode, SGD momentum.
+with T = 4, alpha = 0.9 (jtkd.distill's "kd" defaults). jtkd: `jtkd.distill.distill_loss` in
+`jtkd.train.make_train_step`, the teachers' variables being the step's replicated `extra` argument
+(traced inputs, not baked-in constants). PyTorch: teacher in eval mode under no_grad, student in
+train mode, SGD momentum.
 """
 
 from __future__ import annotations
@@ -19,43 +19,6 @@ from bench.common import Preset, Runner, interleaved, short_error, timed
 
 TEMPERATURE = 4.0
 ALPHA = 0.9
-
-
-def hinton_loss_fn(teacher_apply: Any) -> Any:
-    """A jtkd LossFn: `extra` holds the teacher's variables."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from jtkd import train
-
-    def loss_fn(params: Any, state: Any, batch: Any, rng: jax.Array, extra: Any):
-        x = batch["image"]
-        t_logits = jax.lax.stop_gradient(teacher_apply(extra, x, train=False))
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        s_logits, mutated = state.apply_fn(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-        t_prob = jax.nn.softmax(t_logits / TEMPERATURE)
-        kl = optax.kl_divergence(jax.nn.log_softmax(s_logits / TEMPERATURE), t_prob).mean()
-        ce = train.cross_entropy(s_logits, batch["label"])
-        loss = ALPHA * TEMPERATURE**2 * kl + (1 - ALPHA) * ce
-        return loss, (mutated["batch_stats"], {"loss": loss, "kd": kl, "ce": ce, "accuracy": jnp.mean(s_logits.argmax(-1) == batch["label"])})
-
-    return loss_fn
-
-
-def _jtkd_distill_loss(teacher_apply: Any) -> tuple[Any, str]:
-    """jtkd.distill's Hinton loss for make_train_step if that module offers one, else this file's."""
-    try:
-        from jtkd import distill  # noqa: F401  (branch `distill`)
-    except ImportError:
-        return hinton_loss_fn(teacher_apply), "bench/distill.py hinton_loss_fn (jtkd.distill not on this branch)"
-    builder = getattr(distill, "hinton_loss_fn", None) or getattr(distill, "make_distill_loss", None)
-    if builder is None:
-        return hinton_loss_fn(teacher_apply), "bench/distill.py hinton_loss_fn (jtkd.distill has no loss builder it knows)"
-    try:
-        return builder(teacher_apply, temperature=TEMPERATURE, alpha=ALPHA), f"jtkd.distill.{builder.__name__}"
-    except TypeError as e:
-        return hinton_loss_fn(teacher_apply), f"bench/distill.py hinton_loss_fn (jtkd.distill.{builder.__name__} signature differs: {e})"
 
 
 def torch_distill_step(teacher: Any, student: Any, x: Any, y: Any) -> Any:
@@ -81,8 +44,10 @@ def torch_distill_step(teacher: Any, student: Any, x: Any, y: Any) -> Any:
 
 def run(preset: Preset, device: str, progress: Any = None) -> dict[str, Any]:
     import jax
+    import optax
     import torch
 
+    from jtkd import distill as jd
     from jtkd import models, train
 
     teacher_name, student_name, size, bs = preset.distill
@@ -100,16 +65,23 @@ def run(preset: Preset, device: str, progress: Any = None) -> dict[str, Any]:
 
         mesh = train.make_mesh(1)
         teacher = models.create(teacher_name, num_classes=ts.NUM_CLASSES)
-        t_vars = train.replicate(mesh, jax.tree.map(np.asarray, ts.jax_variables_from_torch(teacher_name, t_torch)))
-        state = ts.jax_state(student_name, ts.jax_variables_from_torch(student_name, s_torch), mesh)
-        loss_fn, out["jax_loss"] = _jtkd_distill_loss(teacher.apply)
+        t_vars_host = jax.tree.map(np.asarray, ts.jax_variables_from_torch(teacher_name, t_torch))
+        objective = jd.make_objective(jd.DistillConfig(method="kd", ce_weight=1 - ALPHA, weights=(ALPHA,), temperature=TEMPERATURE))
+        student = jd.build_student(
+            models.create(student_name, num_classes=ts.NUM_CLASSES, axis_name=train.AXIS), objective, [teacher], [t_vars_host], size
+        )
+        s_vars = jax.tree.map(np.asarray, ts.jax_variables_from_torch(student_name, s_torch))
+        tx = optax.sgd(ts.LR, momentum=ts.MOMENTUM)
+        state = train.replicate(mesh, jd.create_state(student, s_vars, tx, size))
+        extra = train.replicate(mesh, [t_vars_host])
+        out["jax_loss"] = "jtkd.distill.distill_loss(make_objective(DistillConfig(method='kd')))"
         batch = train.shard_batch(mesh, batch_np)
         compiled, out["jax_compile_s"], out["xla_flops_per_step"] = ts.compile_jax_step(
-            train.make_train_step(mesh, loss_fn), state, batch, t_vars
+            train.make_train_step(mesh, jd.distill_loss(objective, [teacher])), state, batch, extra
         )
         runners: dict[str, Runner] = {}
         losses = {}
-        runners["jax"], losses["jax"] = ts.jax_runner(compiled, state, batch, t_vars)
+        runners["jax"], losses["jax"] = ts.jax_runner(compiled, state, batch, extra)
         x = torch.from_numpy(np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2))).to(tdev)
         y = torch.from_numpy(batch_np["label"].astype(np.int64)).to(tdev)
         runners["torch_eager"], losses["torch_eager"] = ts.torch_runner(torch_distill_step(t_torch.to(tdev), s_torch.to(tdev).train(), x, y), tdev)

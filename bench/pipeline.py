@@ -4,8 +4,9 @@ Baseline (always timed): the standard ImageNet training transform in numpy + PIL
 time: resize to side/0.875 (bilinear), random crop to side, random horizontal flip, then the batch
 is converted to float32 and normalised with torchvision's mean/std (vectorised). Two sources:
 already-decoded uint8 images, and JPEG bytes (quality 90, PIL decode), both square at 1.43x the
-training side (320 px for 224, as ImageNet's typical ~400x350 photos shrink to after decode at
-reduced size). If `jtkd.data` (branch `data`) is importable, its pipeline is timed too.
+training side (320 px for 224). Then `jtkd.data.batches` with `TrainTransform` (torchvision's
+RandomResizedCrop + flip + normalise, a different crop than the baseline's) over the same images,
+with no worker threads (`_0w`) and with one per core (`_<n>w`). Names end in the source kind.
 """
 
 from __future__ import annotations
@@ -77,27 +78,39 @@ def _consume(make_iter: Any) -> Runner:
     return run
 
 
-def jtkd_data_runner(images: np.ndarray, size: int, batch: int) -> tuple[Runner | None, str]:
-    """jtkd.data's pipeline over the same uint8 images, if that module exists on this branch."""
-    try:
-        from jtkd import data
-    except ImportError:
-        return None, "jtkd.data is not on this branch: only the numpy/PIL baseline is timed"
-    for fn_name in ("from_arrays", "array_source"):
-        fn = getattr(data, fn_name, None)
-        if fn is None:
-            continue
-        try:
-            labels = np.zeros(len(images), np.int32)
+class _Source:
+    """A random-access source for jtkd.data.batches: uint8 arrays or JPEG bytes (decoded on access)."""
 
-            def make_iter() -> Iterator[dict[str, np.ndarray]]:
-                return data.batches(fn(images, labels), batch_size=batch, image_size=size, train=True, seed=0)
+    def __init__(self, items: np.ndarray | list[bytes]) -> None:
+        self.items = items
 
-            next(iter(make_iter()))
-            return _consume(make_iter), f"jtkd.data.{fn_name} + jtkd.data.batches"
-        except Exception as e:  # API differs from what this bench expects
-            return None, f"jtkd.data present but not usable here: {short_error(e)}"
-    return None, "jtkd.data present but exposes no in-memory array source (from_arrays/array_source)"
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from PIL import Image
+
+        item = self.items[i]
+        image = Image.open(io.BytesIO(item)) if isinstance(item, bytes) else item
+        return {"image": image, "label": 0}
+
+
+def jtkd_data_runners(images: np.ndarray, blobs: list[bytes], size: int, batch: int) -> dict[str, Runner]:
+    """jtkd.data.batches + TrainTransform (RandomResizedCrop, flip, normalise) over the same images,
+    on the calling thread (num_workers=0) and on a pool as wide as the machine."""
+    from jtkd import data
+
+    from bench.common import num_cores
+
+    runners: dict[str, Runner] = {}
+    for src_name, items in (("uint8", images), ("jpeg", blobs)):
+        for workers in sorted({0, num_cores()}):
+            def make_iter(items: Any = items, workers: int = workers) -> Iterator[dict[str, np.ndarray]]:
+                return data.batches(_Source(items), batch, transform=data.TrainTransform(size), train=True,
+                                    num_epochs=1, num_workers=workers, seed=0)
+
+            runners[f"jtkd_data_{src_name}_{workers}w"] = _consume(make_iter)
+    return runners
 
 
 def run(preset: Preset, progress: Any = None) -> list[dict[str, Any]]:
@@ -114,10 +127,7 @@ def run(preset: Preset, progress: Any = None) -> list[dict[str, Any]]:
                 "numpy_pil_uint8": _consume(lambda: numpy_batches(images, size, batch)),
                 "numpy_pil_jpeg": _consume(lambda: numpy_batches(blobs, size, batch)),
             }
-            runner, note = jtkd_data_runner(images, size, batch)
-            res["notes"]["jtkd_data"] = note
-            if runner is not None:
-                runners["jtkd_data"] = runner
+            runners.update(jtkd_data_runners(images, blobs, size, batch))
             n_img = (preset.pipeline_images // batch) * batch
             timings = interleaved(runners, warmup=1, repeats=preset.repeats, steps=1, progress=progress)
             for name, t in timings.items():

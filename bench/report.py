@@ -108,8 +108,10 @@ def _pipeline(res: dict[str, Any]) -> list[str]:
         for k, v in p["contenders"].items():
             head = "-" if not fastest else f"{v['items_per_s'] / fastest[1]:.1f}x ({fastest[0]} at {fastest[1]:.1f} img/s)"
             rows.append([f"{p['size']} (from {p.get('source_side')} px)", k, _f(v["items_per_s"], ".0f"), head])
-        out += [f"- {p['size']} px: {p['notes'].get('jtkd_data', '')}; mean JPEG {_f(p.get('jpeg_kb_mean'), '.1f')} KiB"]
-    return _table(["px", "pipeline (1 thread)", "img/s", "headroom: pipeline / fastest jtkd train step at this px"], rows) + out + [""]
+        out += [f"- {p['size']} px: mean JPEG {_f(p.get('jpeg_kb_mean'), '.1f')} KiB, batch {p['batch']}"]
+    out += ["- numpy_pil_*: resize to side/0.875, random crop, flip, normalise (one thread); jtkd_data_*: "
+            "`jtkd.data.batches` + `TrainTransform` with 0 or n worker threads; *_uint8: decoded images, *_jpeg: JPEG bytes decoded per image"]
+    return _table(["px", "pipeline", "img/s", "headroom: pipeline / fastest jtkd train step at this px"], rows) + out + [""]
 
 
 def _conversion(res: dict[str, Any]) -> list[str]:

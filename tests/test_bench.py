@@ -61,7 +61,7 @@ def test_tiny_train_and_distill_time_the_same_computation(tiny):
 def test_tiny_pipeline_conversion_mfu(tiny):
     res, _, _ = tiny
     (p,) = res["pipeline"]
-    assert {"numpy_pil_uint8", "numpy_pil_jpeg"} <= set(p["contenders"])
+    assert {"numpy_pil_uint8", "numpy_pil_jpeg", "jtkd_data_uint8_0w", "jtkd_data_jpeg_0w"} <= set(p["contenders"])
     assert all(_positive(c["items_per_s"]) for c in p["contenders"].values())
 
     (c,) = res["conversion"]
