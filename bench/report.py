@@ -69,15 +69,16 @@ def _train(res: dict[str, Any]) -> list[str]:
         con, ratio = c["contenders"], c.get("ratio", {})
         ips = [_f(con[k]["items_per_s"], ".1f") if k in con else "-" for k in ("jax",) + TORCH]
         losses = "/".join(_f(con[k]["first_loss"], ".4f") for k in ("jax", "torch_eager") if k in con)
+        cpu = [_f(con[k]["cpu_s_per_step_median"], ".2f") if k in con else "-" for k in ("jax", "torch_eager")]
         rows.append(
-            [*label, *ips, *(_x(ratio.get(k)) for k in TORCH), _f(c.get("jax_compile_s"), ".1f"),
+            [*label, *ips, *(_x(ratio.get(k)) for k in TORCH), *cpu, _f(c.get("jax_compile_s"), ".1f"),
              _f(con.get("torch_compile", {}).get("first_step_s"), ".0f"), losses]
         )
         for k, v in c.get("notes", {}).items():
             if "failed" in v:
                 notes.append(f"- {c['model']} @ {c['size']} px, {LABEL.get(k, k)}: {v}")
     header = ["model", "px", "batch", "jtkd img/s", "torch eager img/s", "channels_last img/s", "torch.compile img/s",
-              "jtkd / eager", "jtkd / channels_last", "jtkd / compile", "jtkd compile s", "torch.compile 1st step s",
+              "jtkd / eager", "jtkd / channels_last", "jtkd / compile", "jtkd CPU s/step", "eager CPU s/step", "jtkd compile s", "torch.compile 1st step s",
               "1st-step loss jtkd/torch"]
     out = _table(header, rows)
     return out + (notes + [""] if notes else [])
@@ -237,3 +238,25 @@ def plot(res: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render RESULTS.md (and the plot) from a results.json, e.g. after editing FINDINGS.md."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("results", nargs="?", default=os.path.join(here, "results.json"))
+    a = p.parse_args(argv)
+    with open(a.results) as f:
+        res = json.load(f)
+    out = os.path.dirname(os.path.abspath(a.results))
+    with open(os.path.join(out, "RESULTS.md"), "w") as f:
+        f.write(render(res))
+    plot(res, os.path.join(out, "results.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
