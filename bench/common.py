@@ -51,6 +51,9 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
     policy = os.environ.get("OMP_WAIT_POLICY") or omp_wait_policy(omp_wait)
     if policy != "default":
         os.environ["OMP_WAIT_POLICY"] = policy  # read when torch loads libgomp, i.e. at import
+    if device == "gpu":
+        # both frameworks share the GPU: JAX must not grab 75% of its memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
         flags = os.environ.get("XLA_FLAGS", "")
@@ -59,6 +62,11 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
     import torch  # noqa: F401
 
     torch.set_num_threads(num_cores())  # equal to XLA's pool; torch defaults to physical cores anyway
+    if device == "gpu":
+        # JAX's default precision lets fp32 matmuls and convolutions use TF32 tensor cores on
+        # Ampere+; torch allows it for cuDNN convolutions but not for matmuls. Same rule on both sides.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return policy
 
 
