@@ -99,7 +99,8 @@ def _instruction_kinds(hlo: str) -> dict[str, str]:
             kind = f"XLA convolution {dl.group(1) if dl else ''}" + (" (operands swapped)" if dl and dl.group(1) == SWAPPED else "")
         elif kind == "fusion":
             lib = re.search(r'"kind":"(__\w+)"', line)
-            kind = f"library fusion {lib.group(1)}" if lib else f"XLA {re.search(r'kind=(\w+)', line).group(1)} fusion"
+            loop = re.search(r"kind=(\w+)", line)
+            kind = f"library fusion {lib.group(1)}" if lib else f"XLA {loop.group(1) if loop else ''} fusion"
         op = re.search(r'op_name="([^"]*)"', line)
         kinds[m.group(1)] = kind + ("\t" + op.group(1) if op else "")
     return kinds
@@ -215,17 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.out) as f:
             res = {**json.load(f), **res}
     if "profile" in what:
-        res["profile"] = [profile(a.model, s, a.batch) for s in a.size]
-        for pr in res["profile"]:
+        new = [profile(a.model, s, a.batch) for s in a.size]
+        res.setdefault("profile", {}).update({f"{pr['model']}@{pr['size']}x{pr['batch']}": pr for pr in new})
+        for pr in new:
             print(f"{pr['model']} {pr['size']}px b{pr['batch']}: {pr['busy_ms_per_step']:.0f} ms busy/step")
             for k, v in pr["by_kind"].items():
                 print(f"  {100 * v['share']:5.1f}%  {k}")
     if "conv" in what:
-        res["conv"] = conv_micro(tuple(a.conv_sides), a.channels, a.batch)
-        for r in res["conv"]:
+        rows = conv_micro(tuple(a.conv_sides), a.channels, a.batch, repeats=5)
+        res.setdefault("conv", {})[f"c{a.channels}_b{a.batch}"] = rows
+        for r in rows:
             print(r)
     if "flags" in what:
-        res["flags"] = {f"{a.model}@{s}": flag_sweep(a.model, s, a.batch) for s in a.size}
+        res.setdefault("flags", {}).update({f"{a.model}@{s}x{a.batch}": flag_sweep(a.model, s, a.batch) for s in a.size})
     res["load_average_end"] = os.getloadavg()
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -122,10 +122,13 @@ def _conversion(res: dict[str, Any]) -> list[str]:
             notes.append(f"- {c['model']}: {c.get('skipped') or 'ERROR: ' + c.get('error', '')}")
             continue
         bound = " (upper bound)" if c["peak_is_upper_bound"] else ""
-        rows.append([c["model"], _f(c["checkpoint_mb"], ".1f"), _f(c["cold_s"], ".2f"), _f(c["warm_s"], ".2f"),
+        cpu = f" ({c['cold_cpu_s']:.2f} CPU)" if "cold_cpu_s" in c else ""
+        wcpu = f" ({c['warm_cpu_s']:.2f} CPU)" if "warm_cpu_s" in c else ""
+        rows.append([c["model"], _f(c["checkpoint_mb"], ".1f"), _f(c["cold_s"], ".2f") + cpu, _f(c["warm_s"], ".2f") + wcpu,
                      _f(c["peak_delta_mb"], ".1f") + bound, f"{c['peak_over_checkpoint']:.2f}x", _f(c["retained_mb"], ".1f"),
-                     _f(c["tracemalloc_peak_mb"], ".1f"), "yes" if c.get("meets_goal") else "no"])
-    header = ["model", "state_dict MB", "1st convert s", "later converts s", "peak RSS delta MB", "peak / state_dict",
+                     _f(c["tracemalloc_peak_mb"], ".1f"),
+                     ("yes" if c.get("meets_goal") else "no") + (f" (CPU time: {'yes' if c['meets_goal_cpu_time'] else 'no'})" if "meets_goal_cpu_time" in c else "")])
+    header = ["model", "state_dict MB", "1st convert s (CPU s)", "later converts s (CPU s)", "peak RSS delta MB", "peak / state_dict",
               "retained MB", "tracemalloc peak MB", f"goal (<{GOAL_SECONDS:g} s, <{GOAL_MEMORY_RATIO:g}x)"]
     return _table(header, rows) + notes + ([""] if notes else [])
 
@@ -141,15 +144,20 @@ def _mfu(res: dict[str, Any]) -> list[str]:
                    f"= **{nom['flops_per_s'] / 1e9:.0f} GFLOP/s** fp32 (assumption: {nom['assumption']})")
     out.append(f"- practical peak: {mm['n']}x{mm['n']} fp32 matmul, XLA {mm['jax_flops_per_s'] / 1e9:.0f} GFLOP/s, "
                f"torch {mm['torch_flops_per_s'] / 1e9:.0f} GFLOP/s -> **{mm['flops_per_s'] / 1e9:.0f} GFLOP/s**" + (f" ({mm['note']})" if mm.get("note") else ""))
+    if mm.get("jax_flops_per_cpu_s"):
+        out.append(f"- per CPU-second (load-independent): matmul XLA {mm['jax_flops_per_cpu_s'] / 1e9:.0f}, torch "
+                   f"{mm['torch_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; one core's nominal peak is "
+                   f"{nom['flops_per_s'] / nom['cores'] / 1e9:.0f} GFLOP/s" if nom and nom.get("flops_per_s") else "")
     out.append("")
     rows = []
     for r in res.get("mfu", []):
         for k, v in r["contenders"].items():
             rows.append([r["model"], str(r["size"]), str(r["batch"]), LABEL[k], _f(r["xla_gflops_per_step"], ".1f"),
                          _f(r["torch_counted_gflops_per_step"], ".1f"), _f(v["gflops_per_s"], ".1f"),
-                         _f(v["mfu_nominal"] and 100 * v["mfu_nominal"], ".1f"), _f(100 * v["mfu_practical"], ".1f")])
+                         _f(v["mfu_nominal"] and 100 * v["mfu_nominal"], ".1f"), _f(100 * v["mfu_practical"], ".1f"),
+                         _f(v.get("gflops_per_cpu_s"), ".1f"), _f(v.get("mfu_cpu_time") and 100 * v["mfu_cpu_time"], ".1f")])
     return out + _table(["model", "px", "batch", "contender", "XLA GFLOP/step", "torch-counted GFLOP/step", "GFLOP/s",
-                         "MFU % of nominal", "MFU % of matmul"], rows)
+                         "MFU % of nominal", "MFU % of matmul", "GFLOP per CPU-s", "MFU % per CPU-s (1 core nominal)"], rows)
 
 
 def summary(res: dict[str, Any]) -> str:

@@ -71,7 +71,8 @@ def test_tiny_pipeline_conversion_mfu(tiny):
     assert c["checkpoint_mb"] == pytest.approx(sum(t.numel() * t.element_size() for t in sd.values()) / 2**20)
     assert c["converted_mb"] == pytest.approx(c["checkpoint_mb"], rel=0.01)  # num_batches_tracked is dropped
     assert c["peak_delta_mb"] > 0 and _positive(c["cold_s"]) and _positive(c["warm_s"])
-    assert isinstance(c["meets_goal"], bool)
+    assert isinstance(c["meets_goal"], bool) and isinstance(c["meets_goal_cpu_time"], bool)
+    assert 0 < c["cold_cpu_s"] and 0 < c["warm_cpu_s"]
 
     (m,) = res["mfu"]
     # XLA counts elementwise work too, torch only matmuls/convs: same order of magnitude
