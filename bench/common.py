@@ -59,7 +59,7 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" in flags:  # e.g. inherited from the test suite
             os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
-    import torch  # noqa: F401
+    import torch
 
     torch.set_num_threads(num_cores())  # equal to XLA's pool; torch defaults to physical cores anyway
     if device == "gpu":
@@ -214,7 +214,7 @@ def short_error(e: BaseException, limit: int = 300) -> str:
 # -------------------------------------------------------------------------------------- the machine
 def _lscpu() -> dict[str, str]:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
@@ -257,8 +257,9 @@ def load_average() -> tuple[float, float, float] | None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=False)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -137,7 +137,7 @@ def run(preset: Preset, progress: Any = None, timeout: float = 600) -> list[dict
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "bench.conversion", name],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
             )
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode or not lines:
@@ -158,5 +158,5 @@ def run(preset: Preset, progress: Any = None, timeout: float = 600) -> list[dict
 if __name__ == "__main__":
     try:
         print(json.dumps(measure(sys.argv[1])))
-    except Exception as e:  # report, don't crash the parent's JSON parsing
+    except Exception as e:  # noqa: BLE001 - report, don't crash the parent's JSON parsing
         print(json.dumps({"model": sys.argv[1], "error": short_error(e, 1000)}))

@@ -86,14 +86,14 @@ def run(preset: Preset, device: str, progress: Any = None) -> dict[str, Any]:
         y = torch.from_numpy(batch_np["label"].astype(np.int64)).to(tdev)
         runners["torch_eager"], losses["torch_eager"] = ts.torch_runner(torch_distill_step(t_torch.to(tdev), s_torch.to(tdev).train(), x, y), tdev)
         first, first_loss = {}, {}
-        for name in runners:
-            _, first[name] = timed(lambda: runners[name](1))
+        for name, runner in runners.items():
+            _, first[name] = timed(lambda r=runner: r(1))
             first_loss[name] = losses[name]()
         timings = interleaved(runners, warmup=preset.warmup, repeats=preset.repeats, steps=preset.steps, progress=progress)
         for name, t in timings.items():
             out["contenders"][name] = {**t.summary(bs), "first_step_s": first[name], "first_loss": first_loss[name]}
         out["ratio"] = {"torch_eager": out["contenders"]["jax"]["items_per_s"] / out["contenders"]["torch_eager"]["items_per_s"]}
         jax.clear_caches()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a failing benchmark is recorded, not fatal
         out["error"] = short_error(e, 1000)
     return out

@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, setup_process  # noqa: E402
+from bench.common import REPO, setup_process
 
 SWAPPED = "01fb_o01i->f01b"
 FLAGS = (
@@ -120,7 +120,7 @@ def profile(model: str, size: int, batch: int, steps: int = 3) -> dict[str, Any]
             state, _ = compiled(state, b, None)
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        trace = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+        trace = max(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))
         data = ProfileData.from_file(trace)
         per_op: collections.Counter[str] = collections.Counter()
         for plane in data.planes:
@@ -166,12 +166,12 @@ def conv_micro(sides: tuple[int, ...], channels: int, batch: int, repeats: int =
         g = jax.jit(jax.grad(loss, argnums=(0, 1)))
         xj, wj = jnp.asarray(x), jnp.asarray(w)
         hlo = g.lower(xj, wj).compile().as_text()
-        jax_cpu = _cpu_time(lambda: jax.block_until_ready(g(xj, wj)), repeats)
+        jax_cpu = _cpu_time(lambda g=g, xj=xj, wj=wj: jax.block_until_ready(g(xj, wj)), repeats)
 
         xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
         wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
 
-        def torch_step() -> None:
+        def torch_step(xt: Any = xt, wt: Any = wt) -> None:
             xt.grad = wt.grad = None
             (F.conv2d(xt, wt, padding=1) ** 2).sum().backward()
 
@@ -191,7 +191,7 @@ def flag_sweep(model: str, size: int, batch: int, flags: tuple[str, ...] = FLAGS
         env = {**os.environ, "XLA_FLAGS": f, "PYTHONPATH": REPO}
         code = ("import json,sys; from bench.investigate import setup_process, step_cpu_seconds; setup_process('cpu'); "
                 f"print(json.dumps(step_cpu_seconds({model!r}, {size}, {batch})))")
-        p = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+        p = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         out.append(json.loads(lines[-1]) if lines else {"flags": f, "error": p.stderr.strip()[-500:]})
         print(out[-1], flush=True)

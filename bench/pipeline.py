@@ -98,9 +98,8 @@ class _Source:
 def jtkd_data_runners(images: np.ndarray, blobs: list[bytes], size: int, batch: int) -> dict[str, Runner]:
     """jtkd.data.batches + TrainTransform (RandomResizedCrop, flip, normalise) over the same images,
     on the calling thread (num_workers=0) and on a pool as wide as the machine."""
-    from jtkd import data
-
     from bench.common import num_cores
+    from jtkd import data
 
     runners: dict[str, Runner] = {}
     for src_name, items in (("uint8", images), ("jpeg", blobs)):
@@ -124,15 +123,15 @@ def run(preset: Preset, progress: Any = None) -> list[dict[str, Any]]:
             res["source_side"] = images.shape[1]
             res["jpeg_kb_mean"] = float(np.mean([len(b) for b in blobs]) / 1024)
             runners: dict[str, Runner] = {
-                "numpy_pil_uint8": _consume(lambda: numpy_batches(images, size, batch)),
-                "numpy_pil_jpeg": _consume(lambda: numpy_batches(blobs, size, batch)),
+                "numpy_pil_uint8": _consume(lambda i=images, s=size, b=batch: numpy_batches(i, s, b)),
+                "numpy_pil_jpeg": _consume(lambda j=blobs, s=size, b=batch: numpy_batches(j, s, b)),
             }
             runners.update(jtkd_data_runners(images, blobs, size, batch))
             n_img = (preset.pipeline_images // batch) * batch
             timings = interleaved(runners, warmup=1, repeats=preset.repeats, steps=1, progress=progress)
             for name, t in timings.items():
                 res["contenders"][name] = t.summary(n_img)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a failing benchmark is recorded, not fatal
             res["error"] = short_error(e, 1000)
         results.append(res)
     return results

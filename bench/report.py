@@ -93,8 +93,8 @@ def _distill(res: dict[str, Any]) -> list[str]:
         return [f"{head}: {d.get('skipped') or 'ERROR: ' + d.get('error', '')}", ""]
     con = d["contenders"]
     rows = [[LABEL[k], _f(v["items_per_s"], ".1f"), _f(v["step_s_median"], ".3f"), _f(v["first_loss"], ".4f")] for k, v in con.items()]
-    return [f"{head}. jtkd loss: {d.get('jax_loss')}; jtkd compile {_f(d.get('jax_compile_s'), '.1f')} s. "
-            f"**jtkd / torch eager = {d['ratio']['torch_eager']:.2f}x**", ""] + _table(["", "img/s", "s/step (median)", "1st-step loss"], rows)
+    return [(f"{head}. jtkd loss: {d.get('jax_loss')}; jtkd compile {_f(d.get('jax_compile_s'), '.1f')} s. "
+            f"**jtkd / torch eager = {d['ratio']['torch_eager']:.2f}x**"), ""] + _table(["", "img/s", "s/step (median)", "1st-step loss"], rows)
 
 
 def _pipeline(res: dict[str, Any]) -> list[str]:
@@ -110,8 +110,8 @@ def _pipeline(res: dict[str, Any]) -> list[str]:
             head = "-" if not fastest else f"{v['items_per_s'] / fastest[1]:.1f}x ({fastest[0]} at {fastest[1]:.1f} img/s)"
             rows.append([f"{p['size']} (from {p.get('source_side')} px)", k, _f(v["items_per_s"], ".0f"), head])
         out += [f"- {p['size']} px: mean JPEG {_f(p.get('jpeg_kb_mean'), '.1f')} KiB, batch {p['batch']}"]
-    out += ["- numpy_pil_*: resize to side/0.875, random crop, flip, normalise (one thread); jtkd_data_*: "
-            "`jtkd.data.batches` + `TrainTransform` with 0 or n worker threads; *_uint8: decoded images, *_jpeg: JPEG bytes decoded per image"]
+    out += [("- numpy_pil_*: resize to side/0.875, random crop, flip, normalise (one thread); jtkd_data_*: "
+            "`jtkd.data.batches` + `TrainTransform` with 0 or n worker threads; *_uint8: decoded images, *_jpeg: JPEG bytes decoded per image")]
     return _table(["px", "pipeline", "img/s", "headroom: pipeline / fastest jtkd train step at this px"], rows) + out + [""]
 
 
@@ -186,13 +186,13 @@ def render(res: dict[str, Any]) -> str:
         "",
         "```",
         f"PYTHONPATH=. {cmd}",
-        f"PYTHONPATH=. python -m bench --size full --device gpu   # on a CUDA machine with jax[cuda] + torch cu",
+        "PYTHONPATH=. python -m bench --size full --device gpu   # on a CUDA machine with jax[cuda] + torch cu",
         "```",
         "",
-        f"Protocol: every contender runs in this one process on the same batch and weights; after {p['warmup']} warm-up step(s), "
+        (f"Protocol: every contender runs in this one process on the same batch and weights; after {p['warmup']} warm-up step(s), "
         f"{p['repeats']} timed rounds of {p['steps']} step(s), contenders interleaved in rotating order each round; the median "
         "round is reported. Ratios are jtkd images/s over PyTorch images/s (>1: jtkd faster). A shared machine's load "
-        "inflates all contenders' times alike within a round, not the ratio's expectation, but it widens its spread.",
+        "inflates all contenders' times alike within a round, not the ratio's expectation, but it widens its spread."),
         "",
         "## Machine",
         "",

@@ -23,7 +23,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import PRESETS, REPO, TrainCase, load_average, machine_info, setup_process  # noqa: E402
+from bench.common import PRESETS, REPO, TrainCase, load_average, machine_info, setup_process
 
 SUITES = ("mfu", "train", "distill", "pipeline", "conversion")
 

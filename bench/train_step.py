@@ -82,7 +82,7 @@ def compile_jax_step(step: Callable, state: Any, batch: Any, extra: Any) -> tupl
         if isinstance(ca, (list, tuple)):  # older jax: one dict per computation
             ca = ca[0] if ca else {}
         flops = float(ca["flops"]) if ca and "flops" in ca else None
-    except Exception:  # cost analysis is best effort on some backends
+    except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
         flops = None
     return compiled, seconds, flops
 
@@ -143,7 +143,7 @@ def torch_flops(step: Callable[[], Any]) -> float | None:
         with FlopCounterMode(display=False) as counter:
             step()
         return float(counter.get_total_flops())
-    except Exception:
+    except Exception:  # noqa: BLE001 - a failing benchmark is recorded, not fatal
         return None
 
 
@@ -211,9 +211,9 @@ def run_case(case: TrainCase, preset: Preset, device: str, compile_: bool, progr
     first_loss: dict[str, float] = {}
     for name in list(runners):
         try:
-            _, first_step[name] = timed(lambda: runners[name](1))
+            _, first_step[name] = timed(lambda r=runners[name]: r(1))
             first_loss[name] = losses[name]()
-        except Exception as e:  # torch.compile without a working toolchain, for one
+        except Exception as e:  # noqa: BLE001 - torch.compile without a working toolchain, for one
             out["notes"][name] = f"failed: {short_error(e)}"
             del runners[name]
     timings = interleaved(runners, warmup=preset.warmup, repeats=preset.repeats, steps=preset.steps, progress=progress)
@@ -238,7 +238,7 @@ def run(preset: Preset, device: str, compile_mode: str, progress: Any = None) ->
         compile_ = {"auto": case.compile, "all": True, "none": False}[compile_mode]
         try:
             res = run_case(case, preset, device, compile_, progress)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a failing benchmark is recorded, not fatal
             res = {"model": case.model, "size": case.size, "batch": case.batch, "error": short_error(e, 1000)}
         if progress is not None and not res.get("contenders"):
             progress.update(preset.repeats)  # keep the bar's total honest for skipped cases
@@ -247,4 +247,4 @@ def run(preset: Preset, device: str, compile_mode: str, progress: Any = None) ->
     return results
 
 
-__all__ = ["PRESETS", "run", "run_case", "ratios", "make_batch", "available"]
+__all__ = ["PRESETS", "available", "make_batch", "ratios", "run", "run_case"]
