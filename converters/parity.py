@@ -54,8 +54,9 @@ def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -
             was_training = model.training
             for m in tracked:
                 m.momentum = 1.0
-            model.train()
-            torch.manual_seed(seed)
+            model.eval()  # only the BatchNorms collect statistics: no dropout, no train-only branches (aux heads)
+            for m in tracked:
+                m.train()
             model(torch.from_numpy(calibrate))
             model.train(was_training)
             for m, mom in zip(tracked, momenta):
