@@ -14,3 +14,8 @@ def test_swin_buffers_match_torch():
             np.testing.assert_allclose(
                 swin.relative_coords_table(window, window), attn.relative_coords_table.numpy(), atol=1e-7, rtol=0
             )
+
+
+def test_maxvit_relative_position_index_matches_torch():
+    attn = torchvision.models.maxvit_t(weights=None).blocks[0].layers[0].layers.window_attention.attn_layer[1]
+    np.testing.assert_array_equal(swin.relative_position_index(7, 7), attn.relative_position_index.numpy().reshape(-1))

@@ -48,7 +48,7 @@ def _check(name, model, size, atol=1e-4, **kw):
 
 @pytest.mark.parametrize(
     "name,size",
-    [("convnext_tiny", (97, 131)), ("vit_b_32", (224, 224)), ("swin_t", (101, 135)), ("swin_v2_t", (33, 47))],
+    [("convnext_tiny", (97, 131)), ("vit_b_32", (224, 224)), ("swin_t", (101, 135)), ("swin_v2_t", (33, 47)), ("maxvit_t", (221, 223))],
 )
 def test_perturbed_eval_parity(name, size):
     _check(name, _perturbed(name), size)

@@ -271,6 +271,7 @@ for _name, (_p, _l, _h, _d, _m) in _CONFIGS.items():
         kwargs=dict(patch_size=_p, num_layers=_l, num_heads=_h, hidden_dim=_d, mlp_dim=_m),
         key_fixups=((r"(\.mlp\.)linear_1\.", r"\g<1>0."), (r"(\.mlp\.)linear_2\.", r"\g<1>3.")),
         infer_kwargs=_infer_vit_kwargs,
+        min_size=224,
         test_size=(224, 224),  # the positional embeddings fix the input size to image_size (224 by default)
         slow=_name in _SLOW,
     )
