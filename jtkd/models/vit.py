@@ -234,7 +234,8 @@ def interpolate_embeddings(
     if isinstance(variables_or_pos_embedding, Mapping):
         tree = variables_or_pos_embedding
         if "params" in tree:
-            return {**tree, "params": interpolate_embeddings(image_size, patch_size, tree["params"], interpolation_mode)}
+            params = interpolate_embeddings(image_size, patch_size, tree["params"], interpolation_mode)
+            return {**tree, "params": params}
         enc = tree["encoder"]
         pos = _resize_pos_embedding(enc["pos_embedding"], image_size, patch_size, interpolation_mode)
         return {**tree, "encoder": {**enc, "pos_embedding": pos}}
