@@ -220,8 +220,9 @@ class MobileNetV3(layers.TorchModel):
         x = layers.adaptive_avg_pool(x, 1).reshape(x.shape[0], -1)
         last_channel = make_divisible(_V3_LAST_CHANNEL[self.arch] // r * self.width_mult, 8)
         x = layers.hardswish(self.linear(last_channel, kernel_init=_linear_init, name="classifier_0")(x))
-        x = self.feature("pooled", layers.dropout(self, x, self.dropout, train))
-        if self.num_classes:
+        x = self.feature("pooled", x)
+        if self.num_classes:  # the dropout right before the head belongs to it
+            x = layers.dropout(self, x, self.dropout, train)
             x = self.linear(self.num_classes, kernel_init=_linear_init, name="classifier_3")(x)
         return self.logits(x)
 
