@@ -27,7 +27,8 @@ from jtkd.models.registry import get_spec
 
 def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -> Any:
     """Perturb a torch model in place so parity cannot pass by accident: every BatchNorm gets random
-    affine parameters and random running statistics, zero-initialised biases become random.
+    affine parameters and random running statistics, zero-initialised biases become random, and
+    parameters initialised to zero or near zero (ViT's head, ConvNeXt's layer_scale) get N(0, 0.02).
 
     With a `calibrate` batch (NCHW), the running statistics are first set to the batch statistics of
     that input (one train-mode pass with momentum 1) and then perturbed (mean shifted by 0.1 std,
@@ -48,6 +49,9 @@ def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -
             elif isinstance(mod, torch.nn.LayerNorm) and mod.elementwise_affine:
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g) * 0.1)
                 mod.bias.add_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        for p in model.parameters():
+            if p.abs().max() < 1e-4:  # zero/tiny inits (ViT head and class token, ConvNeXt layer_scale) would hide layers
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         tracked = [m for m in bns if m.running_mean is not None]
         if calibrate is not None and tracked:
             momenta = [m.momentum for m in tracked]
