@@ -195,6 +195,8 @@ def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) 
     seconds = time.perf_counter() - t0
     ref = torch_logits(model, x)
     got = flax_logits(name, variables, x, num_classes=num_classes)
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: Flax logits {got.shape} vs torch {ref.shape}")
     diff = float(np.abs(ref - got).max())
     row = {
         "model": name, "family": spec.family, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -245,12 +247,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("name", nargs="?", help="torchvision builder name, e.g. resnet50")
     ap.add_argument("--all", action="store_true", help="every registered model, one row each")
     ap.add_argument("--markdown", metavar="PATH", help="with --all: write the table here (PARITY.md)")
+    ap.add_argument("--from-jsonl", metavar="PATH", help="write --markdown from rows the parity tests recorded "
+                    "(JTKD_PARITY_JSONL=PATH pytest tests/test_parity.py)")
     ap.add_argument("--checkpoint", help="torch state_dict (.pth/.pt/.safetensors); random weights if omitted")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="probe image size (default: the model's)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--num-classes", type=int, default=17, help="classes for random weights")
     ap.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
     args = ap.parse_args(argv)
+    if args.from_jsonl:
+        rows = {}
+        for line in open(args.from_jsonl):
+            r = json.loads(line)
+            rows[r["model"]] = r
+        write_markdown([rows[n] for n in sorted(rows)], args.markdown or "PARITY.md")
+        return 0
     if args.all:
         from tqdm import tqdm
 
