@@ -10,7 +10,8 @@ results.json (student and teacher test accuracy) plus student.pth, the trained s
 to a torchvision state_dict. Options are the fields of `DistillRun` (dotted or short names, see --help):
 --method kd|dkd|fitnet|at|rkd|pkt|lskd|ce (or 'kd+at': CE + sum of lambda_i * term_i), --weights,
 --ce_weight, --temperature, --labels_per_class (few labels; the rest of the train split becomes an
-unlabelled transfer set that only the distillation terms see), --augment, --teacher a,b (several
+unlabelled transfer set that only the distillation terms see; each step takes --batch_size labelled
+and --transfer_batch_size transfer rows), --augment, --teacher a,b (several
 teachers: averaged softened distributions), --data digits | tfds:NAME | folder:PATH.
 
 Teachers: NAME:CKPT with a torch state_dict (.pth/.safetensors, loaded weights_only, converted
@@ -88,7 +89,8 @@ class DistillRun:
     augment: bool = False  # digits: random 2-pixel shifts; tfds/folder: RandomResizedCrop + flip
     crop_scale: tuple[float, float] = (0.35, 1.0)
     cache_teacher: bool = True  # no augmentation: compute the teacher's outputs once, not every step
-    batch_size: int = 64
+    batch_size: int = 64  # labelled rows per step
+    transfer_batch_size: int = 0  # with --labels_per_class: unlabelled transfer rows added to each step (0: batch_size)
     eval_batch_size: int = 256
     seed: int = 0
     num_devices: int = 0  # 0: all
@@ -181,15 +183,31 @@ def load_data(cfg: DistillRun) -> tuple[Split, Split, Any]:
     return Split({"image": tr_x, "label": tr_y}, src_tr.info.num_classes), eval_split, None
 
 
-def few_labels(split: Split, per_class: int, seed: int, keep_unlabelled: bool) -> Split:
-    """Keep `per_class` labels per class (drawn with `seed`); the other rows get label -1 (transfer
-    set seen only by the distillation terms) or are dropped (the student-alone baseline)."""
+def few_labels(split: Split, per_class: int, seed: int, keep_unlabelled: bool) -> tuple[Split, Split | None]:
+    """(labelled, transfer): `per_class` labelled rows per class (drawn with `seed`) and, for
+    distillation, every image of the split with label -1 (the unlabelled transfer set that only the
+    distillation terms see). The student-alone baseline gets no transfer set."""
     chosen = data.source.few_shot_indices(split.arrays["label"], per_class, seed)
+    labelled = Split({k: v[chosen] for k, v in split.arrays.items()}, split.num_classes)
     if not keep_unlabelled:
-        return Split({k: v[chosen] for k, v in split.arrays.items()}, split.num_classes)
-    labels = np.full_like(split.arrays["label"], -1)
-    labels[chosen] = split.arrays["label"][chosen]
-    return Split({**split.arrays, "label": labels}, split.num_classes)
+        return labelled, None
+    return labelled, Split({**split.arrays, "label": np.full_like(split.arrays["label"], -1)}, split.num_classes)
+
+
+class MixedSource:
+    """Each step's batch = `labelled(step)` rows followed by `transfer(step)` rows (both step-indexed,
+    so the stream stays a pure function of (seed, step) and resumes exactly). Every batch carries the
+    same number of labels however large the unlabelled transfer set is."""
+
+    def __init__(self, labelled: ArraySource, transfer: ArraySource) -> None:
+        self.labelled, self.transfer = labelled, transfer
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        a, b = self.labelled(step), self.transfer(step)
+        missing = set(a) ^ set(b)
+        if missing:
+            raise ValueError(f"labelled and transfer batches differ in keys {sorted(missing)}")
+        return {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
 # --------------------------------------------------------------------------------------- models
@@ -249,7 +267,15 @@ def load_teachers(cfg: DistillRun, num_classes: int, objective: distill.Objectiv
 class Distiller:
     """Compiled once per (method, model, data shapes); `run(seed)` trains one student."""
 
-    def __init__(self, cfg: DistillRun, train_split: Split, eval_split: Split, teachers: Teachers | None, stream: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: DistillRun,
+        train_split: Split,
+        eval_split: Split,
+        teachers: Teachers | None,
+        stream: Any = None,
+        transfer: Split | None = None,
+    ) -> None:
         self.cfg, self.eval_split, self.teachers, self.stream = cfg, eval_split, teachers, stream
         self.mesh = train.make_mesh(cfg.num_devices or None)
         self.objective = distill.make_objective(cfg.distill)
@@ -259,12 +285,9 @@ class Distiller:
         if self.objective.needs_teacher and not t_mods:
             raise ValueError(f"method {cfg.distill.method!r} needs a teacher")
         self.t_mods, self.t_vars = t_mods, t_vars
-        self.train_split = train_split
         self.cached = bool(t_mods) and cfg.cache_teacher and not cfg.augment and stream is None
-        if self.cached:  # no augmentation: the teacher's outputs never change, compute them once
-            outs = distill.teacher_outputs(t_mods, t_vars, train_split.arrays["image"], self.objective.teacher_features)
-            self.train_split = Split({**train_split.arrays, **outs}, train_split.num_classes)
-        n_train = self.train_split.n if stream is None else len(stream)
+        self.train_split, self.transfer = self._with_teacher(train_split), self._with_teacher(transfer)
+        n_train = (self.transfer or self.train_split).n if stream is None else len(stream)
         self.steps_per_epoch = max(1, math.floor(n_train / cfg.batch_size))
         student = student_module(cfg.student, self.num_classes, cfg.student_width)
         self.student = distill.build_student(student, self.objective, t_mods, t_vars, cfg.image_size)
@@ -272,15 +295,21 @@ class Distiller:
         loss_fn = distill.distill_loss(self.objective, t_mods, steps_per_epoch=self.steps_per_epoch)
         self.trainer = Trainer(self.mesh, loss_fn, classification_eval(), config=cfg.loop, schedule=self.schedule)
 
-    def set_split(self, split: Split) -> None:
-        """New training rows of the same size (e.g. another seed's labelled subset); cached teacher
-        outputs are kept when the images are unchanged."""
-        if self.cached:
-            same = np.array_equal(split.arrays["image"], self.train_split.arrays["image"])
-            outs = ({k: v for k, v in self.train_split.arrays.items() if k.startswith("teacher_")} if same else
-                    distill.teacher_outputs(self.t_mods, self.t_vars, split.arrays["image"], self.objective.teacher_features))
-            split = Split({**split.arrays, **outs}, split.num_classes)
-        self.train_split = split
+    def _with_teacher(self, split: Split | None, previous: Split | None = None) -> Split | None:
+        """`split` plus the teacher's precomputed outputs (no augmentation: they never change);
+        reused from `previous` when the images are the same."""
+        if split is None or not self.cached:
+            return split
+        if previous is not None and np.array_equal(split.arrays["image"], previous.arrays["image"]):
+            outs = {k: v for k, v in previous.arrays.items() if k.startswith("teacher_")}
+        else:
+            outs = distill.teacher_outputs(self.t_mods, self.t_vars, split.arrays["image"], self.objective.teacher_features)
+        return Split({**split.arrays, **outs}, split.num_classes)
+
+    def set_split(self, split: Split, transfer: Split | None = None) -> None:
+        """Another seed's data (same shapes: the compiled step is reused)."""
+        self.train_split = self._with_teacher(split, self.train_split)
+        self.transfer = self._with_teacher(transfer, self.transfer)
 
     def data(self, seed: int) -> Any:
         cfg = self.cfg
@@ -288,7 +317,11 @@ class Distiller:
             tf = data.TrainTransform(cfg.image_size, scale=cfg.crop_scale)
             return data.batches(self.stream, cfg.batch_size, transform=tf, train=True, seed=seed)
         augment = shift_augment(2) if cfg.augment else None
-        return ArraySource(self.train_split.arrays, cfg.batch_size, seed=seed, augment=augment)
+        labelled = ArraySource(self.train_split.arrays, cfg.batch_size, seed=seed, augment=augment)
+        if self.transfer is None:
+            return labelled
+        tb = cfg.transfer_batch_size or cfg.batch_size
+        return MixedSource(labelled, ArraySource(self.transfer.arrays, tb, seed=seed + 7919, augment=augment))
 
     def run(self, seed: int, workdir: str | Path, desc: str = "distill") -> dict[str, Any]:
         cfg = self.cfg
@@ -314,8 +347,8 @@ class Distiller:
             "accuracy": final["eval/accuracy"],
             "eval_loss": final["eval/loss"],
             "steps": cfg.loop.steps,
-            "train_examples": self.train_split.n if self.stream is None else len(self.stream),
-            "labelled_examples": int((self.train_split.arrays["label"] >= 0).sum()) if self.stream is None else None,
+            "labelled_examples": self.train_split.n if self.stream is None else len(self.stream),
+            "transfer_examples": self.transfer.n if self.transfer is not None else 0,
             "seconds": time.perf_counter() - t0,
         }
         (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -333,8 +366,10 @@ def run_single(cfg: DistillRun) -> dict[str, Any]:
     objective = distill.make_objective(cfg.distill)
     teachers = load_teachers(cfg, eval_split.num_classes, objective) if objective.needs_teacher else None
     if cfg.labels_per_class:
-        train_split = few_labels(train_split, cfg.labels_per_class, cfg.seed, keep_unlabelled=objective.needs_teacher)
-    d = Distiller(cfg, train_split, eval_split, teachers, stream)
+        train_split, transfer = few_labels(train_split, cfg.labels_per_class, cfg.seed, objective.needs_teacher)
+    else:
+        transfer = None
+    d = Distiller(cfg, train_split, eval_split, teachers, stream, transfer)
     result = d.run(cfg.seed, cfg.workdir, desc=cfg.distill.method)
     if teachers:
         result["teacher_accuracy"] = [evaluate_model(m, v, eval_split) for m, v in zip(teachers.modules, teachers.variables)]
@@ -464,15 +499,15 @@ def run_table(cfg: DistillRun) -> dict[str, Any]:
         objective = distill.make_objective(mcfg.distill)
         d = None
         for seed in cfg.seeds:
-            split = few_labels(full_train, cfg.labels_per_class, seed, keep_unlabelled=objective.needs_teacher)
+            split, transfer = few_labels(full_train, cfg.labels_per_class, seed, objective.needs_teacher)
             run_dir = root / method / f"seed{seed}"
             if (run_dir / "results.json").exists():  # the table resumes run by run
                 runs.append(json.loads((run_dir / "results.json").read_text()))
                 continue
             if d is None:
-                d = Distiller(mcfg, split, eval_split, teachers if objective.needs_teacher else None)
+                d = Distiller(mcfg, split, eval_split, teachers if objective.needs_teacher else None, transfer=transfer)
             else:  # same shapes: reuse the compiled step, swap the data
-                d.set_split(split)
+                d.set_split(split, transfer)
             runs.append(d.run(seed, run_dir, desc=f"{method} seed {seed}"))
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: keep metrics, not 90 MB of state
             log.info("%s seed %d: %.4f", method, seed, runs[-1]["accuracy"])

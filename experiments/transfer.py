@@ -55,6 +55,7 @@ class TransferConfig:
     source_epochs: int = 6
     source_batch_size: int = 64
     source_lr: float = 0.05
+    source_examples: int = 0  # use only the first N source training images (0: all)
     reuse_source: bool = True  # reuse out/source_<model>.pth if it was trained with the same settings
     # target fine-tuning (JAX); one batch holds all the labelled examples by default
     steps: int = 40
@@ -85,7 +86,7 @@ class TransferConfig:
 
     def quick_version(self) -> TransferConfig:
         return dataclasses.replace(
-            self, seeds=1, source_epochs=1, steps=4, eval_every=2, labels_per_class=4, batch_size=20, warmup_steps=1
+            self, seeds=1, source_epochs=1, source_examples=128, steps=4, lr_scratch=self.lr_full, eval_every=2, labels_per_class=4, batch_size=20, warmup_steps=1
         )
 
 
@@ -120,7 +121,7 @@ def train_source(cfg: TransferConfig, out: Path, log: logging.Logger) -> tuple[P
 
     path = out / f"source_{cfg.model}.pth"
     meta_path = path.with_suffix(".json")
-    settings = {k: getattr(cfg, k) for k in ("model", "image_size", "source_classes", "source_epochs", "source_batch_size", "source_lr", "shift", "augment")}
+    settings = {k: getattr(cfg, k) for k in ("model", "image_size", "source_classes", "source_epochs", "source_batch_size", "source_lr", "source_examples", "shift", "augment")}
     settings["source_classes"] = list(settings["source_classes"])
     if cfg.reuse_source and path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -128,6 +129,8 @@ def train_source(cfg: TransferConfig, out: Path, log: logging.Logger) -> tuple[P
             log.info("source: reusing %s (trained with the same settings)", path)
             return path, meta
     tr, te = _load(cfg, "train", cfg.source_classes), _load(cfg, "test", cfg.source_classes)
+    if cfg.source_examples:
+        tr = {k: v[: cfg.source_examples] for k, v in tr.items()}
     torch.manual_seed(0)
     model = torchvision.models.get_model(cfg.model, weights=None, num_classes=len(cfg.source_classes))
     steps_per_epoch = max(len(tr["label"]) // cfg.source_batch_size, 1)
@@ -239,15 +242,18 @@ def run(cfg: TransferConfig) -> dict[str, Any]:
     evaluator = finetune.Evaluator(cfg.model, n_cls, mesh, 128)
     results_test_n = len(test["label"])
     results: dict[str, Any] = {"modes": {}, "config": jconfig.to_dict(cfg)}
+    tuners: dict[Any, Any] = {}
     for mode in cfg.modes:
         mcfg = mode_config(cfg, mode)
-        ft = None
+        # scratch and full differ only in their start: with equal settings they share one compiled step
+        key = dataclasses.replace(mcfg, mode="full") if mode in ("scratch", "full") else mcfg
+        ft = tuners.get(key)
         accs, curves = [], []
         for seed in range(cfg.seeds):
             scfg = dataclasses.replace(mcfg, seed=seed)
             variables = finetune.initial_variables(scfg, n_cls, None if mode == "scratch" else state_dict)
             if ft is None:
-                ft = finetune.Finetuner(mcfg, variables, n_cls, mesh, evaluator)  # compiled once per mode
+                ft = tuners[key] = finetune.Finetuner(key, variables, n_cls, mesh, evaluator)  # compiled once
             few = _load(cfg, "train", cfg.target_classes, cfg.labels_per_class, seed=seed)
             aug = None if ft.probe else augment
             t0 = time.perf_counter()

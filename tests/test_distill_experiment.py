@@ -10,7 +10,7 @@ import torchvision
 
 from experiments import distill as exp
 from jtkd import config as cfglib
-from jtkd.loop import read_jsonl
+from jtkd.loop import ArraySource, read_jsonl
 
 
 def test_cli_parses_into_typed_config():
@@ -28,18 +28,23 @@ def test_cli_parses_into_typed_config():
         cfglib.parse_args(exp.DistillRun(), ["--tempreature", "3"])
 
 
-def test_few_labels_keeps_a_transfer_set():
+def test_few_labels_keeps_a_transfer_set_and_mixed_batches_carry_labels():
     labels = np.repeat(np.arange(4), 10).astype(np.int32)
-    split = exp.Split({"image": np.zeros((40, 2, 2, 3), np.float32), "label": labels}, 4)
-    semi = exp.few_labels(split, 3, seed=1, keep_unlabelled=True)
-    assert semi.n == 40 and (semi.arrays["label"] >= 0).sum() == 12
-    kept = semi.arrays["label"][semi.arrays["label"] >= 0]
-    assert np.array_equal(np.bincount(kept), [3, 3, 3, 3])
-    assert np.array_equal(semi.arrays["label"][semi.arrays["label"] >= 0], labels[semi.arrays["label"] >= 0])
-    alone = exp.few_labels(split, 3, seed=1, keep_unlabelled=False)
-    assert alone.n == 12 and np.array_equal(np.sort(alone.arrays["label"]), np.sort(kept))
-    other_seed = exp.few_labels(split, 3, seed=2, keep_unlabelled=True)
-    assert not np.array_equal(other_seed.arrays["label"], semi.arrays["label"])
+    images = np.arange(40, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3), np.float32)
+    split = exp.Split({"image": images, "label": labels}, 4)
+    labelled, transfer = exp.few_labels(split, 3, seed=1, keep_unlabelled=True)
+    assert labelled.n == 12 and np.array_equal(np.bincount(labelled.arrays["label"]), [3, 3, 3, 3])
+    rows = labelled.arrays["image"][:, 0, 0, 0].astype(int)
+    assert np.array_equal(labels[rows], labelled.arrays["label"])  # labels stay attached to their images
+    assert transfer.n == 40 and np.all(transfer.arrays["label"] == -1)
+    alone, none = exp.few_labels(split, 3, seed=1, keep_unlabelled=False)
+    assert none is None and np.array_equal(alone.arrays["label"], labelled.arrays["label"])
+    assert not np.array_equal(exp.few_labels(split, 3, seed=2, keep_unlabelled=True)[0].arrays["image"], labelled.arrays["image"])
+    mixed = exp.MixedSource(ArraySource(labelled.arrays, 4, seed=0), ArraySource(transfer.arrays, 6, seed=1))
+    for step in range(5):
+        b = mixed(step)
+        assert b["image"].shape[0] == 10 and np.all(b["label"][:4] >= 0) and np.all(b["label"][4:] == -1)
+        assert all(np.array_equal(b[k], mixed(step)[k]) for k in b)  # a pure function of the step (resume)
 
 
 def test_shift_augment_is_a_seeded_translation():
@@ -65,7 +70,7 @@ def test_end_to_end_run_from_torch_checkpoint_resumes(tmp_path):
             "--image_size", "16", "--labels_per_class", "3", "--batch_size", "16", "--log_every", "2",
             "--eval_every", "0", "--no-progress", "--no-cache_teacher", "--workdir", str(work)]
     first = exp.main(args + ["--steps", "2"])
-    assert first["labelled_examples"] == 30 and first["train_examples"] > 1000  # few labels + transfer set
+    assert first["labelled_examples"] == 30 and first["transfer_examples"] > 1000  # few labels + transfer set
     assert len(first["teacher_accuracy"]) == 1 and 0 <= first["teacher_accuracy"][0] <= 1
     second = exp.main(args + ["--steps", "4"])  # same workdir: continues from the step-2 checkpoint
     rows = read_jsonl(work / "metrics.jsonl")
