@@ -27,7 +27,8 @@ from jtkd.models.registry import get_spec
 
 def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -> Any:
     """Perturb a torch model in place so parity cannot pass by accident: every BatchNorm gets random
-    affine parameters and random running statistics, zero-initialised biases become random.
+    affine parameters and random running statistics, zero-initialised biases become random, and
+    parameters initialised to zero or near zero (ViT's head, ConvNeXt's layer_scale) get N(0, 0.02).
 
     With a `calibrate` batch (NCHW), the running statistics are first set to the batch statistics of
     that input (one train-mode pass with momentum 1) and then perturbed (mean shifted by 0.1 std,
@@ -48,14 +49,18 @@ def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -
             elif isinstance(mod, torch.nn.LayerNorm) and mod.elementwise_affine:
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g) * 0.1)
                 mod.bias.add_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        for p in model.parameters():
+            if p.abs().max() < 1e-4:  # zero/tiny inits (ViT head and class token, ConvNeXt layer_scale) would hide layers
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         tracked = [m for m in bns if m.running_mean is not None]
         if calibrate is not None and tracked:
             momenta = [m.momentum for m in tracked]
             was_training = model.training
             for m in tracked:
                 m.momentum = 1.0
-            model.train()
-            torch.manual_seed(seed)
+            model.eval()  # only the BatchNorms collect statistics: no dropout, no train-only branches (aux heads)
+            for m in tracked:
+                m.train()
             model(torch.from_numpy(calibrate))
             model.train(was_training)
             for m, mom in zip(tracked, momenta):
@@ -190,6 +195,8 @@ def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) 
     seconds = time.perf_counter() - t0
     ref = torch_logits(model, x)
     got = flax_logits(name, variables, x, num_classes=num_classes)
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: Flax logits {got.shape} vs torch {ref.shape}")
     diff = float(np.abs(ref - got).max())
     row = {
         "model": name, "family": spec.family, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -240,12 +247,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("name", nargs="?", help="torchvision builder name, e.g. resnet50")
     ap.add_argument("--all", action="store_true", help="every registered model, one row each")
     ap.add_argument("--markdown", metavar="PATH", help="with --all: write the table here (PARITY.md)")
+    ap.add_argument("--from-jsonl", metavar="PATH", help="write --markdown from rows the parity tests recorded "
+                    "(JTKD_PARITY_JSONL=PATH pytest tests/test_parity.py)")
     ap.add_argument("--checkpoint", help="torch state_dict (.pth/.pt/.safetensors); random weights if omitted")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="probe image size (default: the model's)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--num-classes", type=int, default=17, help="classes for random weights")
     ap.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
     args = ap.parse_args(argv)
+    if args.from_jsonl:
+        rows = {}
+        for line in open(args.from_jsonl):
+            r = json.loads(line)
+            rows[r["model"]] = r
+        write_markdown([rows[n] for n in sorted(rows)], args.markdown or "PARITY.md")
+        return 0
     if args.all:
         from tqdm import tqdm
 

@@ -11,6 +11,7 @@ leaf filled; all violations are collected and raised together in one `Conversion
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import pickle
@@ -299,7 +300,12 @@ def _torch_model(name: str, device: str, **kw: Any):
     import torch
     import torchvision
 
-    with torch.device(device):
+    try:
+        with torch.device(device):
+            return torchvision.models.get_model(name, weights=None, **kw)
+    except NotImplementedError:  # builders that compute with tensor values (RegNet's widths) need real ones
+        if device == "cpu":
+            raise
         return torchvision.models.get_model(name, weights=None, **kw)
 
 
@@ -336,7 +342,10 @@ def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[s
         real = _torch_model(name, "cpu", **kw).state_dict() if any(not k.endswith("num_batches_tracked") for k in derived) else {}
         for key in derived:
             out[key] = real[key].clone() if key in real else torch.zeros((), dtype=expected[key].dtype)
-    return {k: out[k] for k in expected}
+    result = collections.OrderedDict((k, out[k]) for k in expected)
+    # module versions, as torch's own state_dict carries them: load hooks (e.g. MNASNet's) read them
+    result._metadata = getattr(expected, "_metadata", collections.OrderedDict())  # type: ignore[attr-defined]
+    return result
 
 
 def _flax_num_classes(spec: ModelSpec, flat: Mapping[tuple[str, ...], Any]) -> int:

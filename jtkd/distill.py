@@ -161,6 +161,32 @@ def _logit_term(cfg: DistillConfig, method: str) -> TermFn:
     return term
 
 
+def _feature_pair_loss(cfg: DistillConfig, method: str) -> Callable[[View, View, int], Array]:
+    """loss(student view, teacher view, teacher index) of one feature method."""
+    if method == "fitnet":
+        layer = cfg.hint_layer
+        return lambda s, t, k: losses.hint_loss(s.projected[connector_name(layer, k)], t.features[layer])
+    if method == "at":
+        names, p = cfg.at_layers, cfg.at_p
+        return lambda s, t, k: sum(losses.at_loss(s.features[n], t.features[n], p) for n in names)
+    e = cfg.embedding
+    if method == "rkd":
+        wd, wa = cfg.rkd_distance_weight, cfg.rkd_angle_weight
+        return lambda s, t, k: losses.rkd_loss(s.features[e], t.features[e], wd, wa)
+    return lambda s, t, k: losses.pkt_loss(s.features[e], t.features[e])
+
+
+def _logit_or_feature_term(cfg: DistillConfig, m: str, lam: float) -> Term:
+    if m in LOGIT_METHODS:
+        return Term(m, lam, _logit_term(cfg, m), uses_logits=True)
+    fn = _mean_over_teachers(_feature_pair_loss(cfg, m))
+    if m == "fitnet":
+        return Term(m, lam, fn, (cfg.hint_layer,), (cfg.hint_layer,), hint=cfg.hint_layer)
+    if m == "at":
+        return Term(m, lam, fn, cfg.at_layers, cfg.at_layers)
+    return Term(m, lam, fn, (cfg.embedding,), (cfg.embedding,), relational=True)  # rkd, pkt
+
+
 def make_objective(cfg: DistillConfig) -> Objective:
     """The loss `ce_weight * CE + sum_i lambda_i l_i` that `cfg.method` names."""
     names = [m.strip() for m in cfg.method.split("+") if m.strip()]
@@ -179,24 +205,7 @@ def make_objective(cfg: DistillConfig) -> Objective:
         if m == "ce":
             continue
         lam = cfg.weights[i] if cfg.weights is not None else _DEFAULTS[m][1]
-        if m in LOGIT_METHODS:
-            terms.append(Term(m, lam, _logit_term(cfg, m), uses_logits=True))
-        elif m == "fitnet":
-            layer = cfg.hint_layer
-            fn = _mean_over_teachers(lambda s, t, k, L=layer: losses.hint_loss(s.projected[connector_name(L, k)], t.features[L]))
-            terms.append(Term(m, lam, fn, (layer,), (layer,), hint=layer))
-        elif m == "at":
-            ls, p = cfg.at_layers, cfg.at_p
-            fn = _mean_over_teachers(lambda s, t, k: sum(losses.at_loss(s.features[L], t.features[L], p) for L in ls))
-            terms.append(Term(m, lam, fn, ls, ls))
-        elif m == "rkd":
-            e, wd, wa = cfg.embedding, cfg.rkd_distance_weight, cfg.rkd_angle_weight
-            fn = _mean_over_teachers(lambda s, t, k: losses.rkd_loss(s.features[e], t.features[e], wd, wa))
-            terms.append(Term(m, lam, fn, (e,), (e,), relational=True))
-        elif m == "pkt":
-            e = cfg.embedding
-            fn = _mean_over_teachers(lambda s, t, k: losses.pkt_loss(s.features[e], t.features[e]))
-            terms.append(Term(m, lam, fn, (e,), (e,), relational=True))
+        terms.append(_logit_or_feature_term(cfg, m, lam))
     return Objective(ce_weight, tuple(terms), cfg.label_smoothing, cfg.teacher_weights)
 
 
@@ -371,17 +380,43 @@ def student_variables(state_or_vars: TrainState | Mapping[str, Any]) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------- step
+CACHED_LOGITS = "teacher_logits"
+
+
+def cached_feature_key(teacher: int, feature: str) -> str:
+    """Batch key of a precomputed teacher feature (see `teacher_outputs`)."""
+    return f"teacher_features/{teacher}/{feature}"
+
+
+def _cached_views(objective: Objective, n_teachers: int, batch: Batch) -> list[View] | None:
+    """Teacher views from precomputed batch entries, or None if any needed entry is missing."""
+    logits = batch.get(CACHED_LOGITS)
+    keys = [[cached_feature_key(k, f) for f in objective.teacher_features] for k in range(n_teachers)]
+    if logits is None or any(key not in batch for ks in keys for key in ks):
+        return None
+    logits = logits if logits.ndim == 3 else logits[:, None]  # (B, K, C)
+    if logits.shape[1] != n_teachers:
+        raise ValueError(f"batch['{CACHED_LOGITS}'] holds {logits.shape[1]} teachers, the objective has {n_teachers}")
+    sg = jax.lax.stop_gradient
+    return [
+        View(sg(logits[:, k]), {f: sg(batch[key]) for f, key in zip(objective.teacher_features, keys[k])})
+        for k in range(n_teachers)
+    ]
+
+
 def _teacher_views(objective: Objective, teachers: Sequence[nn.Module], extra: Any, batch: Batch) -> list[View]:
-    cached = batch.get("teacher_logits")
-    feats_needed = objective.teacher_features
-    if cached is not None and not feats_needed:
-        t = cached if cached.ndim == 3 else cached[:, None]  # (B, K, C)
-        return [View(jax.lax.stop_gradient(t[:, k]), {}) for k in range(t.shape[1])]
+    cached = _cached_views(objective, len(teachers), batch)
+    if cached is not None:
+        return cached
     if extra is None:
-        raise ValueError("the teachers' variables must be passed as the step's `extra` argument (or cached teacher_logits)")
+        raise ValueError(
+            "the teachers' variables must be passed as the step's `extra` argument (or every teacher output the "
+            f"objective needs precomputed in the batch: {CACHED_LOGITS!r} and 'teacher_features/<k>/<name>')"
+        )
     teacher_vars = jax.lax.stop_gradient(extra)
     if len(teacher_vars) != len(teachers):
         raise ValueError(f"{len(teachers)} teacher modules but {len(teacher_vars)} teacher variable sets")
+    feats_needed = objective.teacher_features
     views = []
     for k, (t, v) in enumerate(zip(teachers, teacher_vars)):
         if feats_needed:
@@ -411,6 +446,17 @@ def _gather(feats: Mapping[str, Array], names: Sequence[str], axis_name: str) ->
     return out
 
 
+def _masked_mean(values: Array, mask: Array, axis_name: str | None) -> Array:
+    """This device's share of the *global* mean over masked-in rows, scaled so that the step's
+    average over devices is exact even when devices hold different numbers of labelled rows."""
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    count = mask.sum().astype(jnp.float32)
+    if axis_name is None:
+        return total / jnp.maximum(count, 1.0)
+    count = jax.lax.psum(count, axis_name)
+    return total * jax.lax.psum(1, axis_name) / jnp.maximum(count, 1.0)
+
+
 def distill_loss(
     objective: Objective,
     teachers: Sequence[nn.Module],
@@ -424,14 +470,18 @@ def distill_loss(
     (tuple output, one head per teacher): head k gets CE on batch['label/<tasks[k]>'] (or 'label')
     and the logit terms against teacher k alone, weighted by `teacher_weights`; feature terms on
     the shared backbone average over the teachers. The DKD warm-up epoch is step // steps_per_epoch + 1.
-    Relational terms (RKD, PKT) compare all pairs of the *global* batch: their embeddings are gathered
-    over `axis_name`, so the loss does not depend on the number of devices (None: per-device pairs).
+
+    Unlabelled transfer data: rows with label < 0 get no cross-entropy (it averages over the labelled
+    rows of the global batch) but every distillation term; DKD's target class is the teacher's
+    prediction there. Relational terms (RKD, PKT) compare all pairs of the *global* batch: their
+    embeddings are gathered over `axis_name`, so the loss does not depend on the number of devices.
+    Teacher outputs precomputed by `teacher_outputs` (no augmentation) replace the teacher passes.
     """
     n_t = len(teachers)
     tw = objective.teacher_weights
     if tw is not None and len(tw) != n_t:
         raise ValueError(f"{len(tw)} teacher weights for {n_t} teachers")
-    weights = jnp.asarray(tw if tw is not None else [1.0] * n_t, jnp.float32)
+    weights = np.asarray(tw if tw is not None else [1.0] * n_t, np.float32)
     weights = weights / weights.sum()
     mutable = ["batch_stats"] + (["features"] if objective.student_features else [])
 
@@ -452,65 +502,61 @@ def distill_loss(
             )
             batch_stats = mut2["batch_stats"]
 
-        if axis_name is not None and objective.relational_features:
-            feats = _gather(feats, objective.relational_features, axis_name)
-            t_views = [dataclasses.replace(v, features=_gather(v.features, objective.relational_features, axis_name)) for v in t_views]
         heads = out if isinstance(out, tuple) else (out,)
         multi_head = isinstance(out, tuple) and len(heads) > 1
         if multi_head and len(heads) != n_t:
             raise ValueError(f"a multi-head student needs one head per teacher: {len(heads)} heads, {n_t} teachers")
-        metrics: dict[str, Array] = {}
         head_tasks = list(tasks) if tasks is not None else [None] * len(heads)
+        w = jnp.asarray(weights)
+
+        metrics: dict[str, Array] = {}
         ce = 0.0
+        targets = []
         for k, logits in enumerate(heads):
-            labels = _head_labels(batch, head_tasks[k])
-            ce_k = _ce(logits, labels, objective.label_smoothing)
-            hw = weights[k] if multi_head else 1.0
-            ce = ce + hw * ce_k
+            if multi_head:
+                t_probs = jax.nn.softmax(t_views[k].logits) if t_views else None
+            elif t_views:
+                t_probs = sum(w[i] * jax.nn.softmax(v.logits) for i, v in enumerate(t_views))
+            else:
+                t_probs = None
+            y = _head_labels(batch, head_tasks[k]).astype(jnp.int32)
+            valid = y >= 0
+            # unlabelled rows: the teacher's prediction is DKD's target class (a dummy 0 without teachers)
+            y = jnp.where(valid, y, t_probs.argmax(-1) if t_probs is not None else 0)
+            targets.append(y)
+            q = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), objective.label_smoothing)
+            ce_k = _masked_mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), q), valid, axis_name)
+            ce = ce + (w[k] * ce_k if multi_head else ce_k)
             suffix = f"/{head_tasks[k] or k}" if multi_head else ""
-            metrics[f"accuracy{suffix}"] = (logits.argmax(-1) == labels).mean()
+            pred = logits.argmax(-1)
+            metrics[f"accuracy{suffix}"] = _masked_mean((pred == y).astype(jnp.float32), valid, axis_name)
             if multi_head:
                 metrics[f"ce{suffix}"] = ce_k
+            if t_probs is not None:
+                t_pred = t_probs.argmax(-1)
+                metrics[f"teacher_accuracy{suffix}"] = _masked_mean((t_pred == y).astype(jnp.float32), valid, axis_name)
+                metrics[f"agreement{suffix}"] = (t_pred == pred).astype(jnp.float32).mean()
         loss = objective.ce_weight * ce
         metrics["ce"] = ce
-        labels0 = _head_labels(batch, head_tasks[0])
+
+        if axis_name is not None and objective.relational_features:
+            rel = objective.relational_features
+            feats = _gather(feats, rel, axis_name)
+            t_views = [dataclasses.replace(v, features=_gather(v.features, rel, axis_name)) for v in t_views]
         for term in objective.terms:
-            if term.uses_logits and multi_head:
-                # head k learns teacher k alone
+            if term.uses_logits and multi_head:  # head k learns teacher k alone
                 value = sum(
-                    weights[k] * term.fn(View(heads[k], feats, projected), [t_views[k]], _head_labels(batch, head_tasks[k]), epoch, jnp.ones((1,)))
+                    w[k] * term.fn(View(heads[k], feats, projected), [t_views[k]], targets[k], epoch, jnp.ones((1,)))
                     for k in range(n_t)
                 )
             else:
-                value = term.fn(View(heads[0], feats, projected), t_views, labels0, epoch, weights)
+                value = term.fn(View(heads[0], feats, projected), t_views, targets[0], epoch, w)
             metrics[f"loss_{term.name}"] = value
             loss = loss + term.weight * value
-        if t_views and t_views[0].logits is not None and not multi_head:
-            t_pred = sum(weights[k] * jax.nn.softmax(v.logits) for k, v in enumerate(t_views)).argmax(-1)
-            metrics["teacher_accuracy"] = (t_pred == labels0).mean()
-            metrics["agreement"] = (t_pred == heads[0].argmax(-1)).mean()
         metrics["loss"] = loss
         return loss, (batch_stats, metrics)
 
     return loss_fn
-
-
-def _ce(logits: Array, labels: Array, label_smoothing: float) -> Array:
-    q = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), q).mean()
-
-
-def eval_metrics(state: TrainState, batch: Batch, extra: Any = None) -> Metrics:
-    """Per-device sums for `jtkd.train.make_eval_step`: correct predictions, CE sum, count (head 0)."""
-    out = state.apply_fn(state.variables, batch["image"], train=False)
-    logits = out[0] if isinstance(out, tuple) else out
-    labels = batch["label"]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return {
-        "correct": (logits.argmax(-1) == labels).sum().astype(jnp.float32),
-        "ce_sum": -jnp.take_along_axis(logp, labels[:, None], axis=-1).sum(),
-        "count": jnp.asarray(labels.shape[0], jnp.float32),
-    }
 
 
 # ----------------------------------------------------------------------------------------- teachers
@@ -556,17 +602,35 @@ def head_classes(name: str, variables: Mapping[str, Any]) -> int:
     return int(np.shape(leaf)[-1]) if leaf is not None else 0
 
 
+def teacher_outputs(
+    teachers: Sequence[nn.Module],
+    teacher_vars: Sequence[Any],
+    images: np.ndarray,
+    features: Sequence[str] = (),
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """Teacher outputs precomputed once for a fixed (non-augmented) data set, as batch entries:
+    'teacher_logits' (N, C) or (N, K, C) for K > 1 teachers, and 'teacher_features/<k>/<name>'.
+
+    Add them to the training arrays and the step skips the teacher passes (pass extra=None).
+    """
+    fns = [jax.jit(lambda v, x, t=t: model_features(t, v, x, train=False)) for t in teachers]
+    chunks: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(images), batch_size):
+        x = jnp.asarray(images[i : i + batch_size])
+        logits = []
+        for k, (f, v) in enumerate(zip(fns, teacher_vars)):
+            z, feats = f(v, x)
+            logits.append(np.asarray(z[0] if isinstance(z, tuple) else z))
+            _require(feats, features, f"teacher {k}")
+            for name in features:
+                chunks.setdefault(cached_feature_key(k, name), []).append(np.asarray(feats[name]))
+        chunks.setdefault(CACHED_LOGITS, []).append(logits[0] if len(logits) == 1 else np.stack(logits, 1))
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
 def teacher_logits(
     teachers: Sequence[nn.Module], teacher_vars: Sequence[Any], images: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
-    """Cached teacher logits for a fixed (non-augmented) data set: (N, C), or (N, K, C) for K > 1 teachers.
-
-    Put them in batches as 'teacher_logits' and the step skips the teacher forward passes.
-    """
-    fns = [jax.jit(lambda v, x, t=t: t.apply(v, x, train=False)) for t in teachers]
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = jnp.asarray(images[i : i + batch_size])
-        zs = [np.asarray(f(v, x)) for f, v in zip(fns, teacher_vars)]
-        out.append(zs[0] if len(zs) == 1 else np.stack(zs, 1))
-    return np.concatenate(out)
+    """Cached teacher logits for a fixed (non-augmented) data set: (N, C), or (N, K, C) for K > 1 teachers."""
+    return teacher_outputs(teachers, teacher_vars, images, (), batch_size)[CACHED_LOGITS]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,23 +201,48 @@ def check_linear_head(model: str, variables: dict) -> None:
         raise ValueError(f"{model}: head {name!r} is not a Linear layer; use --no-precompute_features")
 
 
+class FeatureExtractor:
+    """Backbone (num_classes=0, train=False) outputs for every example, compiled once per instance."""
+
+    def __init__(self, model: str, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32, progress: bool = True) -> None:
+        self.model, self.mesh, self.batch_size, self.progress = model, mesh, batch_size, progress
+        module = models.create(model, num_classes=0, dtype=dtype)
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
+        self._fwd = jax.jit(lambda v, x: module.apply(v, x, train=False), out_shardings=rows)
+
+    def __call__(self, variables: dict, data: Mapping[str, np.ndarray] | Iterable[Batch], desc: str = "features") -> dict[str, np.ndarray]:
+        """{'features', 'label', ...} for `data`: in-memory arrays (with 'image') or an iterable of
+        evaluation batches (padded rows marked by 'mask', as `EvalSource` / `jtkd.data.batches(train=False)`
+        give). Multi-host, each process gets the features of its own rows."""
+        from tqdm.auto import tqdm
+
+        backbone, _ = split_head(self.model, variables)
+        v = train.replicate(self.mesh, backbone)
+        batches = EvalSource(data, self.batch_size) if isinstance(data, Mapping) else data
+        out: dict[str, list[np.ndarray]] = {}
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not self.progress or jax.process_index() != 0):
+            keep = np.asarray(batch["mask"]).astype(bool) if "mask" in batch else slice(None)
+            feats = self._fwd(v, train.shard_batch(self.mesh, {"image": batch["image"]})["image"])
+            shards = sorted(feats.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+            local = np.concatenate([np.asarray(sh.data) for sh in shards])  # this process's rows, in order
+            out.setdefault("features", []).append(local[keep].astype(np.float32))
+            for k, val in batch.items():
+                if k not in ("image", "mask"):
+                    out.setdefault(k, []).append(np.asarray(val)[keep])
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+
 def extract_features(
-    model: str, variables: dict, arrays: Mapping[str, np.ndarray], mesh: Any, batch_size: int, dtype: Any = jnp.float32
+    model: str,
+    variables: dict,
+    data: Mapping[str, np.ndarray] | Iterable[Batch],
+    mesh: Any,
+    batch_size: int = 256,
+    dtype: Any = jnp.float32,
+    desc: str = "features",
 ) -> dict[str, np.ndarray]:
-    """Backbone (num_classes=0, train=False) outputs for every row: {'features', other keys...}."""
-    backbone, _ = split_head(model, variables)
-    module = models.create(model, num_classes=0, dtype=dtype)
-    src = EvalSource(arrays, batch_size)
-    fwd = jax.jit(lambda v, x: module.apply(v, x, train=False))
-    v = train.replicate(mesh, backbone)
-    out: list[np.ndarray] = []
-    for batch in src:
-        mask = batch["mask"].astype(bool)
-        feats = np.asarray(jax.device_get(fwd(v, train.shard_batch(mesh, {"image": batch["image"]})["image"])))
-        out.append(feats[mask].astype(np.float32))
-    result = {k: v for k, v in arrays.items() if k != "image"}
-    result["features"] = np.concatenate(out)
-    return result
+    """One-off `FeatureExtractor(model, mesh, ...)(variables, data)`."""
+    return FeatureExtractor(model, mesh, batch_size, dtype)(variables, data, desc)
 
 
 # ---------------------------------------------------------------------------------- Finetuner
@@ -228,7 +253,9 @@ class Finetuner:
     once (they are static parts of the TrainState and of the jit cache key).
     """
 
-    def __init__(self, cfg: FinetuneConfig, template: dict, num_classes: int, mesh: Any) -> None:
+    def __init__(
+        self, cfg: FinetuneConfig, template: dict, num_classes: int, mesh: Any, evaluator: Evaluator | None = None
+    ) -> None:
         cfg.validate()
         self.cfg, self.num_classes, self.mesh = cfg, num_classes, mesh
         self.probe = cfg.mode == "linear" and cfg.precompute_features
@@ -269,12 +296,17 @@ class Finetuner:
             mesh, loss, classification_eval(input_key), config=cfg.loop, schedule=self.schedule
         )
         self._apply = self.module.apply  # one bound method object: part of the jit cache key
+        self.features = (FeatureExtractor(cfg.model, mesh, cfg.eval_batch_size, dtype, cfg.loop.progress)
+                         if self.probe else None)
+        # a shared full-model evaluator saves compiling one eval step per mode (not for cached features)
+        self.evaluator = None if self.probe else evaluator
 
     def init_state(self, variables: dict, seed: int | None = None) -> train.TrainState:
         if self.probe:
             _, head = split_head(self.cfg.model, variables)
             variables = {"params": head, "batch_stats": {}}
-        v = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        # host copies: the train step donates its state, which must never alias the caller's arrays
+        v = jax.device_get({"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
         state = train.TrainState.create(self._apply, v, self.tx, seed=self.cfg.seed if seed is None else seed)
         return train.replicate(self.mesh, state)
 
@@ -292,9 +324,8 @@ class Finetuner:
         if self.probe:
             if augment is not None:
                 raise ValueError("augmentation cannot apply to cached features; use --no-precompute_features")
-            extract = lambda a: extract_features(cfg.model, variables, a, self.mesh, cfg.eval_batch_size, cfg.compute_dtype)  # noqa: E731
-            train_arrays = extract(train_arrays)
-            eval_arrays = extract(eval_arrays) if eval_arrays is not None else None
+            train_arrays = self.features(variables, train_arrays, "train features")
+            eval_arrays = self.features(variables, eval_arrays, "eval features") if eval_arrays is not None else None
         src = ArraySource(train_arrays, cfg.batch_size, seed=seed, augment=augment)
         ev = EvalSource(eval_arrays, cfg.eval_batch_size) if eval_arrays is not None else None
         return src, ev
@@ -319,25 +350,47 @@ class Finetuner:
     ) -> tuple[dict, list[dict[str, Any]]]:
         """Train from `variables`; returns the full model's final variables and the metric rows."""
         src, ev = self.data(variables, train_arrays, eval_arrays, augment, seed)
+        if ev is not None and self.evaluator is not None:
+            ev = self.evaluator.bind(eval_arrays)
         state = self.init_state(variables, seed)
         state, history = self.trainer.fit(state, src, ev, workdir=workdir, desc=desc or self.cfg.mode)
         return self.merge(variables, state), history
 
 
+class Evaluator:
+    """Accuracy/loss of full-model variables on a split; compiled once per (model, classes, dtype)."""
+
+    def __init__(self, model: str, num_classes: int, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32) -> None:
+        self.model, self.mesh, self.batch_size = model, mesh, batch_size
+        self.module = models.create(model, num_classes=num_classes, dtype=dtype)
+        self._apply = self.module.apply
+        self._step = train.make_eval_step(mesh, classification_eval())
+
+    def __call__(self, variables: dict, data: Mapping[str, np.ndarray] | Iterable[Batch]) -> dict[str, float]:
+        """`data`: in-memory arrays, or re-iterable evaluation batches (padding marked by 'mask')."""
+        from jtkd.loop import sums_to_means
+
+        v = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        state = train.replicate(self.mesh, train.TrainState.create(self._apply, v, _NO_TX))
+        total = None
+        batches = EvalSource(data, self.batch_size) if isinstance(data, Mapping) else data
+        for batch in batches:
+            sums = self._step(state, train.shard_batch(self.mesh, batch))
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return sums_to_means(jax.device_get(total), "")
+
+    def bind(self, data: Mapping[str, np.ndarray] | Iterable[Batch], prefix: str = "eval/") -> Callable[[Any], dict[str, float]]:
+        """`state -> {'eval/accuracy', ...}` on `data`, for `Trainer.fit(eval_data=...)`."""
+        return lambda state: {prefix + k: v for k, v in self({"params": state.params, "batch_stats": state.batch_stats}, data).items()}
+
+
+_NO_TX = optax.identity()  # one object: the tx is part of the TrainState's static structure (jit cache key)
+
+
 def evaluate_variables(
     model: str, variables: dict, arrays: Mapping[str, np.ndarray], mesh: Any, batch_size: int = 256, num_classes: int | None = None
 ) -> dict[str, float]:
-    """Accuracy/loss of full-model `variables` on `arrays` (every example counted once)."""
-    from jtkd.loop import sums_to_means
-
+    """Accuracy/loss of full-model `variables` on `arrays` (every example counted once); compiles each call."""
     if num_classes is None:
         num_classes = int(np.shape(variables["params"][optim.head_names(model, variables["params"])[0]]["bias"])[0])
-    module = models.create(model, num_classes=num_classes)
-    state = train.TrainState.create(module.apply, variables, optax.identity())
-    step = train.make_eval_step(mesh, classification_eval())
-    state = train.replicate(mesh, state)
-    total = None
-    for batch in EvalSource(arrays, batch_size):
-        sums = step(state, train.shard_batch(mesh, batch))
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    return sums_to_means(jax.device_get(total), "")
+    return Evaluator(model, num_classes, mesh, batch_size)(variables, arrays)

@@ -81,6 +81,7 @@ class LoopConfig:
     best_metric: str = "eval/accuracy"  # exported to checkpoints/best when it improves ('' = no export)
     best_mode: Literal["max", "min"] = "max"
     async_checkpoint: bool = True
+    checkpoints: bool = True  # False: no checkpoints at all (metrics and plots are still written)
     progress: bool = True  # tqdm bar
     resume: bool = True  # continue from the latest checkpoint in workdir if there is one
 
@@ -222,7 +223,7 @@ def classification_eval(input_key: str = "image", label_key: str = "label") -> C
             logits = logits[0]
         logits = logits.astype(jnp.float32)
         labels = batch[label_key]
-        mask = batch.get("mask", jnp.ones(labels.shape[0], jnp.float32))
+        mask = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape[0], jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (logits.argmax(-1) == labels).astype(jnp.float32)
         return {"loss": (ce * mask).sum(), "accuracy": (correct * mask).sum(), "count": mask.sum()}
@@ -231,9 +232,18 @@ def classification_eval(input_key: str = "image", label_key: str = "label") -> C
 
 
 def sums_to_means(sums: Mapping[str, Any], prefix: str = "eval/") -> dict[str, float]:
-    """{'x': sum, 'count': n} -> {'eval/x': sum / n, 'eval/count': n}."""
+    """{'x': sum, 'count': n} -> {'eval/x': sum / n, 'eval/count': n}.
+
+    A key 'x/<task>' is divided by 'count/<task>' when that exists (per-task label counts).
+    """
     n = float(sums["count"])
-    out = {f"{prefix}{k}": float(v) / max(n, 1.0) for k, v in sums.items() if k != "count"}
+    out = {}
+    for k, v in sums.items():
+        if k == "count" or k.startswith("count/"):
+            continue
+        task = k.split("/", 1)[1] if "/" in k else None
+        denom = float(sums[f"count/{task}"]) if task is not None and f"count/{task}" in sums else n
+        out[prefix + k] = float(v) / max(denom, 1.0)
     out[f"{prefix}count"] = n
     return out
 
@@ -314,6 +324,22 @@ def plot_history(rows: list[Mapping[str, Any]], path: str | Path, title: str = "
 StepData = Callable[[int], Batch] | Iterable[Batch]
 
 
+class Resumable:
+    """An iterator factory `make(start_step) -> iterator of batches` (e.g. `jtkd.data.batches(...,
+    start_step=s)`): the loop opens it at the step it resumes from, so nothing is re-read."""
+
+    def __init__(self, make: Callable[[int], Iterable[Batch]]) -> None:
+        self.make = make
+        self._it: Iterator[Batch] | None = None
+        self._pos = 0
+
+    def __call__(self, step: int) -> Batch:
+        if self._it is None or step != self._pos:
+            self._it, self._pos = iter(self.make(step)), step
+        self._pos += 1
+        return next(self._it)
+
+
 def _step_fn(data: StepData) -> Callable[[int], Batch]:
     """Step-indexed access; a plain iterable is consumed in order (resume skips the done steps)."""
     if callable(data) and not isinstance(data, Iterator):
@@ -371,17 +397,22 @@ class Trainer:
         self,
         state: train.TrainState,
         train_data: StepData,
-        eval_data: Iterable[Batch] | None = None,
+        eval_data: Iterable[Batch] | Callable[[Any], dict[str, float]] | None = None,
         *,
         workdir: str | Path | None = None,
         extra: Any = None,
         desc: str = "train",
     ) -> tuple[train.TrainState, list[dict[str, Any]]]:
-        """Train to `config.steps`; returns the final state and the metric rows written."""
+        """Train to `config.steps`; returns the final state and the metric rows written.
+
+        train_data: `step -> batch` (exact resume, e.g. ArraySource), a `Resumable`, or an iterable.
+        eval_data: evaluation batches (EvalSource, or `jtkd.data.batches(..., train=False)` in a
+        list/re-iterable), or a callable `state -> {'eval/...': value}` (e.g. a shared evaluator).
+        """
         cfg = self.config
         workdir = Path(workdir) if workdir is not None else None
         ckpt = None
-        if workdir is not None:
+        if workdir is not None and cfg.checkpoints:
             ckpt = TrainCheckpointer(
                 workdir / "checkpoints",
                 max_to_keep=cfg.max_to_keep,
@@ -451,7 +482,7 @@ class Trainer:
                     post["loss"] = f"{row.get('train/loss', float('nan')):.4f}"
                     bar.set_postfix(post)
                 if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
-                    ev = {"step": step, **self.evaluate(state, eval_data, extra)}
+                    ev = {"step": step, **(eval_data(state) if callable(eval_data) else self.evaluate(state, eval_data, extra))}
                     writer.write(ev)
                     history.append(ev)
                     post["eval_acc"] = f"{ev.get('eval/accuracy', float('nan')):.4f}"
@@ -470,6 +501,21 @@ class Trainer:
             plot_history(rows, workdir / "metrics.png", title=desc)
         _info(f"{desc}: {cfg.steps - start} steps in {time.perf_counter() - t0:.1f}s")
         return state, history
+
+
+def setup_logging(level: int = 20) -> None:
+    """Timestamped INFO lines from the 'jtkd' logger on stderr (process 0), whatever absl did to root."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("jtkd")
+    logger.setLevel(level if jax.process_index() == 0 else logging.WARNING)
+    if not any(getattr(h, "_jtkd", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._jtkd = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
 
 
 def _info(msg: str) -> None:

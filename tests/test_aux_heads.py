@@ -13,7 +13,8 @@ from jtkd import models
 
 
 @pytest.mark.parametrize(
-    "name,size,kw", [("googlenet", (97, 131), dict(dropout=0.0, dropout_aux=0.0)), ("inception_v3", (299, 301), dict(dropout=0.0))]
+    "name,size,kw",
+    [("googlenet", (97, 131), {"dropout": 0.0, "dropout_aux": 0.0}), ("inception_v3", (299, 301), {"dropout": 0.0})],
 )
 def test_train_mode_returns_aux_tuple_like_torch(name, size, kw):
     model = parity.torch_model(name, num_classes=7, seed=3, **kw)

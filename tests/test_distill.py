@@ -2,7 +2,6 @@
 (inference mode, no gradient, variables passed as `extra`), connectors train, 4 devices equal 1, cached
 teacher logits equal live ones, multi-teacher and multi-head students work, teachers load from torch."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -135,6 +134,7 @@ def test_step_differentiates_the_documented_objective(method):
 def test_four_devices_equal_one(method):
     cfg = {"at_layers": ("layer1", "layer2")} if "at" in method else {}
     batch = _batch(3)
+    batch["label"][[0, 1, 2, 7]] = -1  # unlabelled rows, unevenly spread over the 4 shards
     results = []
     with jax.default_matmul_precision("highest"):
         for n in (1, 4):
@@ -146,12 +146,12 @@ def test_four_devices_equal_one(method):
     (one, m1), (four, m4) = results
     _tree_close(one.params, four.params, 1e-4)
     _tree_close(one.batch_stats, four.batch_stats, 1e-4)
-    for k in m1:
-        np.testing.assert_allclose(m1[k], m4[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    for k in m1:  # PKT's weight 30000 multiplies a log-ratio of near-equal numbers: fp32 rounding shows at ~1e-4
+        np.testing.assert_allclose(m1[k], m4[k], rtol=5e-4, atol=1e-5, err_msg=k)
 
 
 def test_teacher_is_frozen_and_in_inference_mode():
-    mesh, _, module, state, step, t_mods, t_vars = _setup("kd", 4)
+    mesh, _, _, state, step, t_mods, t_vars = _setup("kd", 4)
     before = jax.tree.map(np.array, t_vars)
     batch = _batch(4)
     _, metrics = step(train.replicate(mesh, state), train.shard_batch(mesh, batch), train.replicate(mesh, t_vars))
@@ -166,7 +166,7 @@ def test_teacher_is_frozen_and_in_inference_mode():
 
 
 def test_teacher_variables_are_an_argument_not_a_constant():
-    mesh, _, _, state, step, t_mods, t_vars = _setup("kd", 4)
+    mesh, _, _, state, step, _, t_vars = _setup("kd", 4)
     batch = train.shard_batch(mesh, _batch(5))
     s = train.replicate(mesh, state)
     _, m1 = step(s, batch, train.replicate(mesh, t_vars))
@@ -176,15 +176,36 @@ def test_teacher_variables_are_an_argument_not_a_constant():
     assert float(m1["loss_kd"]) != float(m2["loss_kd"])
 
 
-def test_cached_teacher_logits_equal_live_teacher():
-    mesh, _, _, state, step, t_mods, t_vars = _setup("dkd", 4)
+@pytest.mark.parametrize("method", ["dkd", "fitnet+at"])
+def test_cached_teacher_outputs_equal_live_teacher(method):
+    cfg = {"at_layers": ("layer1", "layer2")} if "at" in method else {}
+    mesh, objective, _, state, step, t_mods, t_vars = _setup(method, 4, **cfg)
     batch = _batch(6)
-    cached = dict(batch, teacher_logits=distill.teacher_logits(t_mods, t_vars, batch["image"], batch_size=3))
+    cached = dict(batch, **distill.teacher_outputs(t_mods, t_vars, batch["image"], objective.teacher_features, batch_size=3))
+    assert set(cached) - set(batch) == {"teacher_logits"} | {f"teacher_features/0/{f}" for f in objective.teacher_features}
     s = train.replicate(mesh, state)
     live, m_live = step(s, train.shard_batch(mesh, batch), train.replicate(mesh, t_vars))
     cache, m_cache = step(s, train.shard_batch(mesh, cached), None)  # no teacher needed at all
     _tree_close(jax.device_get(live.params), jax.device_get(cache.params), 1e-5)
-    np.testing.assert_allclose(m_live["loss_dkd"], m_cache["loss_dkd"], rtol=1e-5)
+    for k in m_live:
+        np.testing.assert_allclose(m_live[k], m_cache[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    with pytest.raises(ValueError, match="extra"):  # a needed output missing from the batch and no teacher
+        step(s, train.shard_batch(mesh, {k: v for k, v in cached.items() if k != "teacher_logits"}), None)
+
+
+def test_unlabelled_rows_get_distillation_but_no_cross_entropy():
+    mesh, _, _, state, step, t_mods, t_vars = _setup("kd", 4)
+    batch = _batch(11)
+    labelled = np.array([1, 0, 0, 1, 1, 1, 0, 0], bool)
+    batch["label"] = np.where(labelled, batch["label"], -1).astype(np.int32)
+    _, m = step(train.replicate(mesh, state), train.shard_batch(mesh, batch), train.replicate(mesh, t_vars))
+    s_logits = _plain_student().apply(state.variables, batch["image"], train=True, mutable=["batch_stats"])[0]
+    t_logits = t_mods[0].apply(t_vars[0], batch["image"], train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(s_logits[labelled], batch["label"][labelled]).mean()
+    np.testing.assert_allclose(m["ce"], ce, rtol=1e-5)  # the mean over the 4 labelled rows, not over 8
+    np.testing.assert_allclose(m["loss_kd"], losses.kd_loss(s_logits, t_logits, 4.0), rtol=1e-4)  # all 8 rows
+    acc = (np.asarray(s_logits).argmax(-1) == batch["label"])[labelled].mean()
+    assert float(m["accuracy"]) == pytest.approx(acc)
 
 
 def test_missing_feature_is_a_clear_error():
@@ -196,7 +217,7 @@ def test_missing_feature_is_a_clear_error():
 
 def test_multi_teacher_kd_targets_the_averaged_distribution():
     teachers = [_teacher(1), _teacher(2, width=6)]
-    mesh, _, module, state, step, t_mods, t_vars = _setup("kd", 4, teachers=teachers, teacher_weights=(3.0, 1.0))
+    mesh, _, _, state, step, t_mods, t_vars = _setup("kd", 4, teachers=teachers, teacher_weights=(3.0, 1.0))
     batch = _batch(7)
     _, metrics = step(train.replicate(mesh, state), train.shard_batch(mesh, batch), train.replicate(mesh, t_vars))
     s_logits = _plain_student().apply(state.variables, batch["image"], train=True, mutable=["batch_stats"])[0]

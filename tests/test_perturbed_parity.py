@@ -8,6 +8,7 @@ Swin's relative position tables and v2's logit scales get values far from their 
 
 import re
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -48,7 +49,13 @@ def _check(name, model, size, atol=1e-4, **kw):
 
 @pytest.mark.parametrize(
     "name,size",
-    [("convnext_tiny", (97, 131)), ("vit_b_32", (224, 224)), ("swin_t", (101, 135)), ("swin_v2_t", (33, 47))],
+    [
+        ("convnext_tiny", (97, 131)),
+        ("vit_b_32", (224, 224)),
+        ("swin_t", (101, 135)),
+        ("swin_v2_t", (33, 47)),
+        ("maxvit_t", (221, 223)),
+    ],
 )
 def test_perturbed_eval_parity(name, size):
     _check(name, _perturbed(name), size)
@@ -65,7 +72,5 @@ def test_vit_legacy_mlp_keys_convert():
     legacy = {re.sub(r"mlp\.0\.", "mlp.linear_1.", re.sub(r"mlp\.3\.", "mlp.linear_2.", k)): v for k, v in sd.items()}
     assert any("linear_1" in k for k in legacy) and not any(".mlp.0." in k for k in legacy)
     new, old = convert("vit_b_32", sd), convert("vit_b_32", legacy)
-    import jax
-
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
         np.testing.assert_array_equal(a, b)

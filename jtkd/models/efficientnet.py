@@ -12,7 +12,7 @@ Stochastic depth grows linearly with the block index over the whole network (tor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -21,6 +21,8 @@ import jax
 from jtkd.models import layers
 from jtkd.models._misc import SqueezeExcitation, conv_norm_act, make_divisible
 from jtkd.models.registry import register
+
+Activation = Callable[[jax.Array], jax.Array]
 
 
 class StageConf(NamedTuple):
@@ -41,7 +43,7 @@ def _efficientnet_conf(arch: str, width_mult: float = 1.0, depth_mult: float = 1
     def mb(e: float, k: int, s: int, i: int, o: int, n: int) -> StageConf:  # MBConvConfig: scales width/depth
         return StageConf(
             False, e, k, s, make_divisible(i * width_mult, 8), make_divisible(o * width_mult, 8),
-            int(math.ceil(n * depth_mult)),
+            math.ceil(n * depth_mult),
         )
 
     def fused(e: float, k: int, s: int, i: int, o: int, n: int) -> StageConf:  # FusedMBConvConfig: no scaling
@@ -84,12 +86,14 @@ class MBConv(layers.TorchModel):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = dict(epsilon=self.norm_eps, momentum=self.norm_momentum, train=train)
+        norm = {"epsilon": self.norm_eps, "momentum": self.norm_momentum, "train": train}
         expanded = make_divisible(self.input_channels * self.expand_ratio, 8)
         expand = expanded != self.input_channels
         h, i = x, 0
 
-        def cna(h: jax.Array, features: int, k: int, stride: int = 1, groups: int = 1, act=layers.silu) -> jax.Array:
+        def cna(
+            h: jax.Array, features: int, k: int, stride: int = 1, groups: int = 1, act: Activation | None = layers.silu
+        ) -> jax.Array:
             nonlocal i
             h = conv_norm_act(self, h, f"block_{i}", features, k, stride, groups, act, **norm)
             i += 1
@@ -127,7 +131,7 @@ class EfficientNet(layers.TorchModel):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
-        norm = dict(epsilon=self.norm_eps, momentum=self.norm_momentum, train=train)
+        norm = {"epsilon": self.norm_eps, "momentum": self.norm_momentum, "train": train}
         setting = [StageConf(*c) for c in self.inverted_residual_setting]
         x = conv_norm_act(self, x, "features_0", setting[0].input_channels, 3, 2, activation=layers.silu, **norm)
         self.feature("features_0", x)
@@ -180,9 +184,10 @@ for _name, (_w, _d, _drop, _eps, _mom, _size) in _CONFIGS.items():
         _name,
         EfficientNet,
         head="classifier.1",
-        kwargs=dict(
-            inverted_residual_setting=_setting, last_channel=_last, dropout=_drop, norm_eps=_eps, norm_momentum=_mom,
-        ),
+        kwargs={
+            "inverted_residual_setting": _setting, "last_channel": _last, "dropout": _drop,
+            "norm_eps": _eps, "norm_momentum": _mom,
+        },
         input_size=_size,
         min_size=33 if _name.startswith("efficientnet_v2") else 32,  # torchvision's meta: V2 needs 33
     )

@@ -157,4 +157,4 @@ def _has_prefix(prefix: str):
     return infer
 
 
-register("googlenet", GoogLeNet, head="fc", infer_kwargs=_has_prefix("aux1."))
+register("googlenet", GoogLeNet, head="fc", min_size=15, infer_kwargs=_has_prefix("aux1."))

@@ -177,8 +177,8 @@ class Inception3(layers.TorchModel):
 
 register(
     "inception_v3", Inception3, head="fc", input_size=299, min_size=75, infer_kwargs=_has_prefix("AuxLogits."),
-    # torchvision's random init (trunc_normal std 0.1 on every conv, no fan-in scaling) makes the test's logits
-    # ~2e9; 2e4 is 1e-5 of that (measured 7.0e3, 3e-6 relative). tests/test_inception_scaled_weights.py checks
-    # fan-in-scaled weights (logits ~0.2) at 1e-6.
-    atol=2e4,
+    # torchvision's random init draws the fc from trunc_normal(std=0.1) without fan-in scaling over 2048
+    # features, so the test's logits are ~85 even with calibrated BatchNorms; 2e-3 is ~2e-5 relative
+    # (measured 6.6e-4). tests/test_inception_scaled_weights.py checks fan-in-scaled weights at 1e-6.
+    atol=2e-3,
 )

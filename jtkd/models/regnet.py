@@ -80,12 +80,12 @@ class BottleneckTransform(layers.TorchModel):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        w_b = int(round(self.width_out * self.bottleneck_multiplier))
+        w_b = round(self.width_out * self.bottleneck_multiplier)
         x = conv_norm_act(self, x, "a", w_b, 1, activation=nn.relu, train=train)
         x = conv_norm_act(self, x, "b", w_b, 3, self.stride, groups=w_b // self.group_width, activation=nn.relu, train=train)
         if self.se_ratio:
             # the SE reduction is relative to the width at the start of the block
-            x = SqueezeExcitation(int(round(self.se_ratio * self.width_in)), nn.relu, dtype=self.dtype, name="se")(x)
+            x = SqueezeExcitation(round(self.se_ratio * self.width_in), nn.relu, dtype=self.dtype, name="se")(x)
         return conv_norm_act(self, x, "c", self.width_out, 1, train=train)
 
 
@@ -214,7 +214,7 @@ for _name, (_depth, _w0, _wa, _wm, _gw, _se) in _CONFIGS.items():
         _name,
         RegNet,
         head="fc",
-        kwargs=dict(depth=_depth, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw, se_ratio=_se),
+        kwargs={"depth": _depth, "w_0": _w0, "w_a": _wa, "w_m": _wm, "group_width": _gw, "se_ratio": _se},
         # 644M parameters: too big for every CI run
         slow=_name == "regnet_y_128gf",
         input_size=384 if _name == "regnet_y_128gf" else 224,  # its DEFAULT weights (SWAG E2E) are 384

@@ -96,4 +96,4 @@ _CONFIGS = {
 }
 
 for _name, _widths in _CONFIGS.items():
-    register(_name, ShuffleNetV2, head="fc", kwargs=dict(stages_repeats=(4, 8, 4), stages_out_channels=_widths))
+    register(_name, ShuffleNetV2, head="fc", kwargs={"stages_repeats": (4, 8, 4), "stages_out_channels": _widths})

@@ -6,7 +6,7 @@ average pool, which at small inputs (e.g. 97x131 -> a 3x4 map) replicates cells 
 overlapping adaptive bins do.
 
 With num_classes=0 the last Linear (`classifier.6`, the head) is dropped and the 4096-d output of
-`classifier.3` (after ReLU/Dropout) is returned, so every non-head checkpoint key still has a home.
+`classifier.3` (after its ReLU, before the head's Dropout) is returned, so every non-head checkpoint key still has a home.
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ class VGG(layers.TorchModel):
         cfg = [("pool", 2, 2) if v == "M" else ("conv", v, 3, 1, 1) for v in _CFGS[self.cfg]]
         x = conv_stack(self, x, cfg, train, batch_norm=self.batch_norm, conv_init=conv_init)
         x = layers.torch_flatten(layers.adaptive_avg_pool(x, 7))
-        for i in (0, 3):  # Linear, ReLU, Dropout
-            x = nn.relu(self.linear(4096, kernel_init=lin_init, name=f"classifier_{i}")(x))
+        x = nn.relu(self.linear(4096, kernel_init=lin_init, name="classifier_0")(x))
+        x = layers.dropout(self, x, self.dropout, train)
+        x = self.feature("pooled", nn.relu(self.linear(4096, kernel_init=lin_init, name="classifier_3")(x)))
+        if self.num_classes:  # the dropout right before the head belongs to it
             x = layers.dropout(self, x, self.dropout, train)
-        x = self.feature("pooled", x)
-        if self.num_classes:
             x = self.linear(self.num_classes, kernel_init=lin_init, name="classifier_6")(x)
         return self.logits(x)
 

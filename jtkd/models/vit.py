@@ -234,7 +234,8 @@ def interpolate_embeddings(
     if isinstance(variables_or_pos_embedding, Mapping):
         tree = variables_or_pos_embedding
         if "params" in tree:
-            return {**tree, "params": interpolate_embeddings(image_size, patch_size, tree["params"], interpolation_mode)}
+            params = interpolate_embeddings(image_size, patch_size, tree["params"], interpolation_mode)
+            return {**tree, "params": params}
         enc = tree["encoder"]
         pos = _resize_pos_embedding(enc["pos_embedding"], image_size, patch_size, interpolation_mode)
         return {**tree, "encoder": {**enc, "pos_embedding": pos}}
@@ -271,6 +272,7 @@ for _name, (_p, _l, _h, _d, _m) in _CONFIGS.items():
         kwargs=dict(patch_size=_p, num_layers=_l, num_heads=_h, hidden_dim=_d, mlp_dim=_m),
         key_fixups=((r"(\.mlp\.)linear_1\.", r"\g<1>0."), (r"(\.mlp\.)linear_2\.", r"\g<1>3.")),
         infer_kwargs=_infer_vit_kwargs,
+        min_size=224,
         test_size=(224, 224),  # the positional embeddings fix the input size to image_size (224 by default)
         slow=_name in _SLOW,
     )

@@ -1,0 +1,59 @@
+"""The two command-line jobs end to end, offline on digits, in their --quick form."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from converters.torchvision import load_checkpoint
+
+
+def test_transfer_quick(tmp_path):
+    from experiments import transfer
+
+    results = transfer.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    assert list(results["modes"]) == ["scratch", "linear", "partial", "full"]
+    for r in results["modes"].values():
+        assert len(r["accuracy_per_seed"]) == 1 and 0.0 <= r["accuracy_mean"] <= 1.0
+        assert r["eval_curves"][0][-1][0] == 4  # evaluated at the last step
+    assert results["source"]["import_max_abs_logit_diff"] < 1e-3
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["modes"].keys() == results["modes"].keys()
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| ") == 5 and "| full |" in table
+    assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+    sd = load_checkpoint(tmp_path / "source_resnet18.pth")
+    assert sd["fc.weight"].shape == (5, 512)
+    assert (tmp_path / "runs" / "partial_seed0" / "metrics.png").exists()
+
+
+def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
+    from experiments import finetune
+
+    pth = tmp_path / "in.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), pth)
+    argv = ["--data", "digits", "--quick", "--checkpoint", str(pth), "--workdir", str(tmp_path / "run"),
+            "--mode", "partial", "--freeze_stages", "3", "--optimizer", "adamw", "--lr", "1e-3", "--label_smoothing", "0.1"]
+    res = finetune.main(argv)
+    assert res["steps"] == 3 and res["num_classes"] == 10 and 0 < res["trainable_params"] < res["total_params"]
+    assert res["final_eval"]["eval/count"] == 450  # the whole digits test split, counted once
+    run = tmp_path / "run"
+    for f in ("config.json", "metrics.jsonl", "metrics.png", "results.json", "final.pth"):
+        assert (run / f).exists(), f
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(run / "final.pth", weights_only=True), strict=True)
+    assert json.loads((run / "config.json").read_text())["finetune"]["optim"]["optimizer"] == "adamw"
+    again = finetune.main(argv)  # the same command again: resumes at the end, nothing left to do
+    assert again["final_eval"] == res["final_eval"]
+
+
+def test_finetune_cli_bad_input(tmp_path):
+    from experiments import finetune
+
+    with pytest.raises(SystemExit, match="pass --checkpoint PATH or --weights DEFAULT"):
+        finetune.main(["--data", "digits", "--quick", "--mode", "full", "--workdir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--data must be tfds:NAME, folder:PATH or digits"):
+        finetune.main(["--data", "mnist", "--workdir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        finetune.main(["--data", "digits", "--quick", "--checkpoint", str(tmp_path / "nope.pth"), "--workdir", str(tmp_path)])

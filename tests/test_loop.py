@@ -1,0 +1,196 @@
+"""The training loop: exact resume, crash safety, NaN stop, determinism, evaluation, outputs."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from engine_helpers import Tiny, assert_bitwise_equal, dataset, init
+from jtkd import optim, train
+from jtkd.checkpoint import TrainCheckpointer
+from jtkd.loop import ArraySource, EvalSource, LoopConfig, NonFiniteError, Resumable, Trainer, classification_eval, read_jsonl
+
+N_DEV = min(jax.device_count(), 4)
+
+
+def _setup(steps=12, lr=0.05, **loop_kw):
+    mesh = train.make_mesh(N_DEV)
+    model = Tiny(num_classes=3, axis_name=train.AXIS)
+    cfg = optim.OptimConfig(optimizer="sgd", lr=lr, weight_decay=1e-3, warmup_steps=2)
+    variables = jax.device_get(init(Tiny(3)))  # host copies: the donated state never aliases them
+    tx = optim.make_optimizer(cfg, variables["params"], total_steps=steps)
+    kw = dict(steps=steps, log_every=2, eval_every=4, checkpoint_every=4, progress=False, async_checkpoint=True)
+    kw.update(loop_kw)
+    trainer = Trainer(mesh, train.classification_loss(), classification_eval(), config=LoopConfig(**kw),
+                      schedule=optim.make_schedule(cfg, steps))
+
+    def fresh_state():
+        return train.replicate(mesh, train.TrainState.create(model.apply, variables, tx, seed=3))
+
+    return trainer, fresh_state
+
+
+def _data(seed=0):
+    return ArraySource(dataset(40, seed=1), batch_size=8, seed=seed), EvalSource(dataset(21, seed=2), batch_size=8)
+
+
+def _rows(rows):
+    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crashing(src, at_step):
+    def get(step):
+        if step == at_step:
+            raise _Crash(f"simulated crash before step {step}")
+        return src(step)
+
+    return get
+
+
+def test_resume_after_crash_is_bitwise_identical(tmp_path):
+    trainer, fresh = _setup()
+    src, ev = _data()
+    ref, ref_rows = trainer.fit(fresh(), src, ev, workdir=tmp_path / "ref")
+
+    with pytest.raises(_Crash):
+        trainer.fit(fresh(), _crashing(src, 10), ev, workdir=tmp_path / "run")
+    with TrainCheckpointer(tmp_path / "run" / "checkpoints") as ck:
+        assert ck.latest_step() == 8  # checkpoints at 4 and 8; step 9's metrics row is past it
+    assert max(r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 10
+
+    trainer2, _ = _setup()  # a new process would rebuild everything
+    resumed, _ = trainer2.fit(fresh(), src, ev, workdir=tmp_path / "run")
+    assert int(resumed.step) == 12
+    for part in ("params", "batch_stats", "opt_state", "rng", "step"):
+        assert_bitwise_equal(getattr(ref, part), getattr(resumed, part))
+    # the log after resume is the log of the uninterrupted run (rows past step 8 were replaced)
+    assert _rows(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == _rows(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+    assert _rows(ref_rows) == _rows(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+
+
+def test_same_seed_same_metrics_and_params(tmp_path):
+    trainer, fresh = _setup(steps=6, checkpoint_every=0)
+    src, ev = _data()
+    a, rows_a = trainer.fit(fresh(), src, ev)
+    b, rows_b = trainer.fit(fresh(), _data()[0], ev)
+    assert _rows(rows_a) == _rows(rows_b) and len(rows_a) > 3
+    assert_bitwise_equal(a.params, b.params)
+    c, rows_c = trainer.fit(fresh(), _data(seed=1)[0], ev)  # another data order: different run
+    assert _rows(rows_c) != _rows(rows_a)
+
+
+def test_interrupted_checkpoint_write_is_ignored(tmp_path):
+    trainer, fresh = _setup(steps=8)
+    src, ev = _data()
+    state, _ = trainer.fit(fresh(), src, ev, workdir=tmp_path)
+    root = tmp_path / "checkpoints" / "state"
+    assert sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) == [4, 8]
+    # what a write killed half-way leaves: step 12 copied into orbax's temporary name, files truncated
+    partial = root / "12.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(root / "8", partial)
+    for f in sorted(p for p in partial.rglob("*") if p.is_file())[::2]:
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+    ck = TrainCheckpointer(tmp_path / "checkpoints")
+    try:
+        assert ck.latest_step() == 8
+        restored = ck.restore(fresh())
+    finally:
+        ck.close()
+    assert int(restored.step) == 8
+    assert_bitwise_equal(restored.params, state.params)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    trainer, fresh = _setup(steps=12, log_every=2, checkpoint_every=2)
+    src, ev = _data()
+
+    def poisoned(step):
+        batch = src(step)
+        if step == 6:  # the 7th update sees a NaN input
+            batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        return batch
+
+    with pytest.raises(NonFiniteError, match=r"at step 7") as info:
+        trainer.fit(fresh(), poisoned, ev, workdir=tmp_path)
+    assert info.value.step == 7 and info.value.last_checkpoint == 6
+    with TrainCheckpointer(tmp_path / "checkpoints") as ck:
+        assert ck.latest_step() == 6
+        good = ck.restore(fresh())
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
+    assert max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")) == 6
+
+
+def test_best_export_and_max_to_keep(tmp_path):
+    trainer, fresh = _setup(steps=16, eval_every=2, checkpoint_every=2, max_to_keep=2, lr=0.2)
+    src, ev = _data()
+    trainer.fit(fresh(), src, ev, workdir=tmp_path)
+    with TrainCheckpointer(tmp_path / "checkpoints", best_metric="eval/accuracy") as ck:
+        assert ck.all_steps() == [14, 16]
+        evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
+        best = max(evals, key=lambda r: r["eval/accuracy"])  # the first of equal maxima is kept
+        assert ck.best_step() == best["step"]
+        variables, metrics = ck.restore_best()
+    assert metrics["eval/accuracy"] == best["eval/accuracy"]
+    assert set(variables) == {"params", "batch_stats"}
+
+
+def test_eval_counts_every_example_once_with_padding():
+    trainer, fresh = _setup(steps=1)
+    data = dataset(23, seed=5)  # 23 rows, batches of 8 on 4 devices: last batch 7 real + 1 pad
+    state = fresh()
+    got = trainer.evaluate(state, EvalSource(data, batch_size=8))
+    logits = np.asarray(Tiny(3).apply(jax.device_get(state.variables), data["image"], train=False))
+    assert got["eval/count"] == 23
+    np.testing.assert_allclose(got["eval/accuracy"], (logits.argmax(-1) == data["label"]).mean(), rtol=1e-6)
+    ce = -np.take_along_axis(jax.nn.log_softmax(logits), data["label"][:, None], 1).mean()
+    np.testing.assert_allclose(got["eval/loss"], ce, rtol=1e-5)
+
+
+def test_array_source_is_a_pure_function_of_seed_and_step():
+    data = dataset(10)
+    a, b = ArraySource(data, 4, seed=7), ArraySource(data, 4, seed=7)
+    for step in (0, 3, 2, 11):
+        np.testing.assert_array_equal(a(step)["label"], b(step)["label"])
+    # each epoch (10 examples = 2.5 batches) visits every example exactly once
+    idx = np.concatenate([a.indices(s) for s in range(5)])
+    assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))
+    # multi-host: the process slices concatenate to the global batch
+    hosts = [ArraySource(data, 4, seed=7, process_index=p, process_count=2) for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h.indices(3) for h in hosts]), a.indices(3))
+    with pytest.raises(ValueError, match="divide"):
+        ArraySource(data, 5, process_count=2, process_index=0)
+
+
+def test_resumable_iterator_factory_opens_at_the_resumed_step():
+    opened = []
+
+    def make(start):
+        opened.append(start)
+        return ({"step": np.array([s])} for s in range(start, 100))
+
+    r = Resumable(make)
+    assert [int(r(s)["step"][0]) for s in (5, 6, 7)] == [5, 6, 7] and opened == [5]
+
+
+def test_outputs_jsonl_and_png(tmp_path):
+    trainer, fresh = _setup(steps=4, checkpoint_every=0)
+    src, ev = _data()
+    trainer.fit(fresh(), src, ev, workdir=tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [4]
+    assert all(np.isfinite(r["lr"]) for r in rows if "lr" in r)
+    png = (tmp_path / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    json.dumps(rows)  # plain JSON types only
+
+
+def test_loop_config_rejects_misaligned_checkpoints():
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        LoopConfig(steps=10, log_every=3, checkpoint_every=4).validate()
