@@ -25,26 +25,52 @@ from jtkd import models
 from jtkd.models.registry import get_spec
 
 
-def randomize_(model: Any, seed: int = 0) -> Any:
+def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -> Any:
     """Perturb a torch model in place so parity cannot pass by accident: every BatchNorm gets random
-    affine parameters and running statistics, and zero-initialised biases become random."""
+    affine parameters and random running statistics, zero-initialised biases become random, and
+    parameters initialised to zero or near zero (ViT's head, ConvNeXt's layer_scale) get N(0, 0.02).
+
+    With a `calibrate` batch (NCHW), the running statistics are first set to the batch statistics of
+    that input (one train-mode pass with momentum 1) and then perturbed (mean shifted by 0.1 std,
+    variance scaled by U(0.5, 2)): activations stay O(1) through deep networks, so an absolute logit
+    tolerance means the same for every model, and the statistics are still far from their defaults.
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                if mod.affine:
-                    mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
-                if mod.running_mean is not None:
-                    mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.1)
-                    mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) * 1.5 + 0.5)
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.affine:
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
             elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and mod.bias is not None:
                 mod.bias.add_(torch.randn(mod.bias.shape, generator=g) * 0.02)
             elif isinstance(mod, torch.nn.LayerNorm) and mod.elementwise_affine:
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g) * 0.1)
                 mod.bias.add_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        for p in model.parameters():
+            if p.abs().max() < 1e-4:  # zero/tiny inits (ViT head and class token, ConvNeXt layer_scale) would hide layers
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        tracked = [m for m in bns if m.running_mean is not None]
+        if calibrate is not None and tracked:
+            momenta = [m.momentum for m in tracked]
+            was_training = model.training
+            for m in tracked:
+                m.momentum = 1.0
+            model.eval()  # only the BatchNorms collect statistics: no dropout, no train-only branches (aux heads)
+            for m in tracked:
+                m.train()
+            model(torch.from_numpy(calibrate))
+            model.train(was_training)
+            for m, mom in zip(tracked, momenta):
+                m.momentum = mom
+        for m in tracked:
+            std = m.running_var.sqrt() if calibrate is not None else torch.ones_like(m.running_var)
+            base_mean = m.running_mean if calibrate is not None else torch.zeros_like(m.running_mean)
+            base_var = m.running_var if calibrate is not None else torch.ones_like(m.running_var)
+            m.running_mean.copy_(base_mean + 0.1 * std * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(base_var * (torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5))
     return model
 
 
@@ -63,7 +89,9 @@ def torch_model(name: str, state_dict: dict | None = None, seed: int = 0, **kw: 
         model = torchvision.models.get_model(name, weights=None, **kw)
         model.load_state_dict(sd, strict=True)
     else:
-        model = randomize_(torchvision.models.get_model(name, weights=None, **kw), seed)
+        h, w = get_spec(name).test_size
+        calib = probe_batch(4, h, w, seed=seed + 1000)
+        model = randomize_(torchvision.models.get_model(name, weights=None, **kw), seed, calibrate=calib)
     return model.eval()
 
 
@@ -155,15 +183,98 @@ def first_divergence(diffs: Sequence[LayerDiff], rtol: float = 1e-4) -> LayerDif
     return None
 
 
+def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """One PARITY.md row: random weights + randomised BN stats, the spec's test size, fp32 highest."""
+    import time
+
+    spec = get_spec(name)
+    model = torch_model(name, num_classes=num_classes, seed=seed)
+    x = probe_batch(batch, *spec.test_size, seed=seed + 1)
+    t0 = time.perf_counter()
+    variables = convert(name, model.state_dict())
+    seconds = time.perf_counter() - t0
+    ref = torch_logits(model, x)
+    got = flax_logits(name, variables, x, num_classes=num_classes)
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: Flax logits {got.shape} vs torch {ref.shape}")
+    diff = float(np.abs(ref - got).max())
+    row = {
+        "model": name, "family": spec.family, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "input": f"{batch}x{spec.test_size[0]}x{spec.test_size[1]}", "max_abs_logit_diff": diff,
+        "max_abs_logit": float(np.abs(ref).max()), "atol": spec.atol, "argmax_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
+        "convert_s": seconds, "first_divergence": None,
+    }
+    if diff > spec.atol:
+        first = first_divergence(layer_diffs(name, model, variables, x, num_classes))
+        row["first_divergence"] = first.layer if first else "(logits only)"
+    return row
+
+
+def write_markdown(rows: Sequence[dict[str, Any]], path: str) -> None:
+    import platform
+
+    import torch
+    import torchvision
+
+    ok = sum(r["max_abs_logit_diff"] <= r["atol"] and r["argmax_equal"] for r in rows)
+    lines = [
+        "# PARITY: jtkd vs torchvision",
+        "",
+        "Generated by `python -m converters.parity --all --markdown PARITY.md`. Each model: torchvision",
+        "random init with randomised BatchNorm affine parameters and running statistics",
+        "(`converters.parity.randomize_`), 13 classes, a batch of 2 standard-normal images at the size",
+        "shown (odd and non-224 where the architecture allows), eval mode, fp32 with",
+        "`jax.default_matmul_precision('highest')`.",
+        "",
+        f"{ok}/{len(rows)} within tolerance. jax {jax.__version__}, torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, {platform.machine()} CPU.",
+        "",
+        "| model | family | params (M) | input NxHxW | max abs logit diff | max abs logit | tolerance | argmax equal | convert (s) | first diverging layer |",
+        "|---|---|---:|---|---:|---:|---:|:---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['family']} | {r['params_m']:.1f} | {r['input']} | {r['max_abs_logit_diff']:.2e} | "
+            f"{r['max_abs_logit']:.3g} | {r['atol']:.0e} | {'yes' if r['argmax_equal'] else 'NO'} | {r['convert_s']:.2f} | "
+            f"{r['first_divergence'] or '-'} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m converters.parity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("name", help="torchvision builder name, e.g. resnet50")
+    ap.add_argument("name", nargs="?", help="torchvision builder name, e.g. resnet50")
+    ap.add_argument("--all", action="store_true", help="every registered model, one row each")
+    ap.add_argument("--markdown", metavar="PATH", help="with --all: write the table here (PARITY.md)")
+    ap.add_argument("--from-jsonl", metavar="PATH", help="write --markdown from rows the parity tests recorded "
+                    "(JTKD_PARITY_JSONL=PATH pytest tests/test_parity.py)")
     ap.add_argument("--checkpoint", help="torch state_dict (.pth/.pt/.safetensors); random weights if omitted")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="probe image size (default: the model's)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--num-classes", type=int, default=17, help="classes for random weights")
     ap.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
     args = ap.parse_args(argv)
+    if args.from_jsonl:
+        rows = {}
+        for line in open(args.from_jsonl):
+            r = json.loads(line)
+            rows[r["model"]] = r
+        write_markdown([rows[n] for n in sorted(rows)], args.markdown or "PARITY.md")
+        return 0
+    if args.all:
+        from tqdm import tqdm
+
+        rows = []
+        for name in (bar := tqdm(models.list_models(), desc="parity")):
+            bar.set_postfix_str(name)
+            rows.append(parity_row(name))
+            tqdm.write(f"{name:24s} max|diff| {rows[-1]['max_abs_logit_diff']:.2e}")
+        if args.markdown:
+            write_markdown(rows, args.markdown)
+        return 0 if all(r["max_abs_logit_diff"] <= r["atol"] and r["argmax_equal"] for r in rows) else 1
+    if not args.name:
+        ap.error("NAME or --all is required")
     spec = get_spec(args.name)
     sd = load_checkpoint(args.checkpoint) if args.checkpoint else None
     model = torch_model(args.name, sd) if sd is not None else torch_model(args.name, num_classes=args.num_classes)

@@ -11,6 +11,7 @@ leaf filled; all violations are collected and raised together in one `Conversion
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import pickle
@@ -220,6 +221,7 @@ def convert(
     filled: dict[tuple[str, ...], np.ndarray] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
+    seen: set[tuple[str, ...]] = set()
     for key, value in sd.items():
         if _is_derived(spec, key):
             continue
@@ -228,8 +230,9 @@ def convert(
             unexpected.append(key)
             continue
         full = (leaf.collection,) + leaf.path
-        if full in filled:
+        if full in seen:
             raise ConversionError(f"{name}: torch keys collide on Flax leaf {'/'.join(full)} (at {key!r})")
+        seen.add(full)
         src = _to_numpy(value)
         arr = _torch_to_flax_array(src, leaf.kind)
         if np.may_share_memory(arr, src):  # never alias the torch tensors: torch may update them in place
@@ -247,9 +250,11 @@ def convert(
             if full[: len(head_path)] == head_path:
                 filled[full] = np.asarray(fresh[full])
 
-    missing = [_torch_key_hint(full) for full in template if full not in filled]
+    missing = [full for full in template if full not in seen and full not in filled]
     if unexpected or missing or mismatched:
-        raise ConversionError(_report(name, missing, unexpected, mismatched))
+        names = _torch_names(name, kw, missing)
+        missing_s = [f"{names.get(f, '?')} (Flax {'/'.join(f)})" for f in missing]
+        raise ConversionError(_report(name, missing_s, unexpected, mismatched, len(template)))
     variables = _unflat(filled)
     variables.setdefault("params", {})
     variables.setdefault("batch_stats", {})
@@ -260,17 +265,24 @@ def _head_path(spec: ModelSpec) -> tuple[str, ...]:
     return flax_path(spec.head + ".weight")[:-1]
 
 
-def _torch_key_hint(full: tuple[str, ...]) -> str:
-    collection, *path = full
-    leaf = path[-1]
-    if collection == "batch_stats":
-        leaf = {"mean": "running_mean", "var": "running_var"}[leaf]
-    elif leaf in ("kernel", "scale"):
-        leaf = "weight"
-    return f"{'.'.join(path[:-1] + [leaf])} (Flax {'/'.join(full)})"
+def _torch_names(name: str, model_kw: Mapping[str, Any], leaves: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """The torch key each Flax leaf corresponds to, for error messages (from torchvision's own key list)."""
+    if not leaves:
+        return {}
+    try:
+        expected = _torch_model(name, "meta", **model_kw).state_dict()
+    except Exception:  # noqa: BLE001  the names are a courtesy; the error is raised regardless
+        return {}
+    targets = dict.fromkeys(leaves)
+    out = {}
+    for key in expected:
+        leaf = _map_key(key, targets)
+        if leaf is not None:
+            out[(leaf.collection,) + leaf.path] = key
+    return out
 
 
-def _report(name: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+def _report(name: str, missing: list[str], unexpected: list[str], mismatched: list[str], total: int) -> str:
     lines = [f"state_dict does not match jtkd model {name!r}:"]
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if items:
@@ -278,7 +290,7 @@ def _report(name: str, missing: list[str], unexpected: list[str], mismatched: li
             lines += [f"    {s}" for s in items[:50]]
             if len(items) > 50:
                 lines.append(f"    ... and {len(items) - 50} more")
-    if unexpected and missing and len(unexpected) > len(missing) // 2:
+    if min(len(unexpected) + len(mismatched), len(missing) + len(mismatched)) > total // 4:
         lines.append("  (many keys differ: is this a checkpoint of another architecture?)")
     return "\n".join(lines)
 
@@ -288,7 +300,12 @@ def _torch_model(name: str, device: str, **kw: Any):
     import torch
     import torchvision
 
-    with torch.device(device):
+    try:
+        with torch.device(device):
+            return torchvision.models.get_model(name, weights=None, **kw)
+    except NotImplementedError:  # builders that compute with tensor values (RegNet's widths) need real ones
+        if device == "cpu":
+            raise
         return torchvision.models.get_model(name, weights=None, **kw)
 
 
@@ -320,12 +337,15 @@ def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[s
         out[key] = torch.from_numpy(arr.copy()).to(ref.dtype)
     unexpected = ["/".join(f) for f in flat if f not in used]
     if missing or mismatched or unexpected:
-        raise ConversionError(_report(name, missing, unexpected, mismatched))
+        raise ConversionError(_report(name, missing, unexpected, mismatched, len(expected)))
     if derived:
         real = _torch_model(name, "cpu", **kw).state_dict() if any(not k.endswith("num_batches_tracked") for k in derived) else {}
         for key in derived:
             out[key] = real[key].clone() if key in real else torch.zeros((), dtype=expected[key].dtype)
-    return {k: out[k] for k in expected}
+    result = collections.OrderedDict((k, out[k]) for k in expected)
+    # module versions, as torch's own state_dict carries them: load hooks (e.g. MNASNet's) read them
+    result._metadata = getattr(expected, "_metadata", collections.OrderedDict())  # type: ignore[attr-defined]
+    return result
 
 
 def _flax_num_classes(spec: ModelSpec, flat: Mapping[tuple[str, ...], Any]) -> int:

@@ -155,3 +155,37 @@ def test_threaded_decode_matches_serial(good_root):
         assert a.keys() == b.keys() == {"image", "label"}
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_stratified_split_and_few_shot_of_a_folder(tmp_path):
+    for c in ("a", "b", "c"):
+        for i in range(6):
+            _save(str(tmp_path / c / f"{i}.png"), _rgb(i, (4, 4)))
+    ds = data.image_folder(tmp_path)
+    tr, te = data.stratified_split(ds, 0.5, seed=0)
+    assert np.bincount(tr.labels).tolist() == np.bincount(te.labels).tolist() == [3, 3, 3]
+    assert set(tr.indices).isdisjoint(te.indices) and len(tr) + len(te) == len(ds)
+    assert tr.info.label_map == ds.info.label_map and tr.info.num_examples == 9
+    shot = data.few_shot(tr, 2, seed=1)
+    assert np.bincount(shot.labels).tolist() == [2, 2, 2]
+    for k in range(len(shot)):  # a subset of a subset indexes through both
+        want = ds[int(tr.indices[shot.indices[k]])]
+        assert shot[k]["label"] == want["label"] and shot[k]["image"].tobytes() == want["image"].tobytes()
+    np.testing.assert_array_equal(data.few_shot(tr, 2, seed=1).indices, shot.indices)
+    assert shot[0]["label"] == shot.labels[0]
+    b = next(data.batches(shot, 6, transform=data.EvalTransform(4, resize_size=4), process_index=0, process_count=1))
+    np.testing.assert_array_equal(b["label"], shot.labels)
+    with pytest.raises(ValueError, match="only 3"):
+        data.few_shot(tr, 4)
+
+
+def test_subset_of_arrays_stays_vectorised_and_tfds_labels_are_not_scanned():
+    digits = data.digits("test", image_size=8)
+    sub = data.subset(digits, [5, 1, 7])
+    assert isinstance(sub, data.ArrayDataset) and len(sub) == 3 and sub.info.num_examples == 3
+    np.testing.assert_array_equal(sub.images, digits.images[[5, 1, 7]])
+    with pytest.raises(IndexError):
+        data.subset(digits, [450])
+    fake = data.TfdsSource([], data.DatasetInfo("x", "train", 0, ("a",), {0: 0}))
+    with pytest.raises(TypeError, match="labels in memory"):
+        data.labels_of(fake)

@@ -16,7 +16,7 @@ A batch is a dict of numpy arrays: 'image' float32 NHWC normalised, 'label' int3
 from jtkd.data.digits import digits
 from jtkd.data.folder import IMG_EXTENSIONS, BadImageError, ImageFolder, image_folder, load_image
 from jtkd.data.pipeline import batches, epoch_order, prefetch_to_mesh, steps_per_epoch
-from jtkd.data.source import ArrayDataset, DatasetInfo, Source
+from jtkd.data.source import ArrayDataset, DatasetInfo, Source, Subset, few_shot, labels_of, stratified_split, subset
 from jtkd.data.tfds_io import DatasetUnavailableError, TfdsSource, tfds_source
 from jtkd.data.transforms import (
     IMAGENET_MEAN,
@@ -40,6 +40,7 @@ __all__ = [
     "EvalTransform",
     "ImageFolder",
     "Source",
+    "Subset",
     "TfdsSource",
     "TrainTransform",
     "batches",
@@ -47,11 +48,15 @@ __all__ = [
     "digits",
     "epoch_order",
     "example_rng",
+    "few_shot",
     "image_folder",
+    "labels_of",
     "load_image",
     "normalize",
     "prefetch_to_mesh",
     "resize",
     "steps_per_epoch",
+    "stratified_split",
+    "subset",
     "tfds_source",
 ]

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from jtkd.data.source import ArrayDataset, DatasetInfo, relabel
+from jtkd.data.source import ArrayDataset, DatasetInfo, few_shot_indices, relabel, stratified_indices
 from jtkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 
 
@@ -27,32 +27,6 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     labels = d.target.astype(np.int64)
     labels.setflags(write=False)
     return images, labels
-
-
-def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified split: each class keeps round(test_fraction * n_c) examples for test."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = round(test_fraction * idx.size)
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def few_shot(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Indices of `per_class` examples of each label, drawn without replacement (sorted)."""
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if per_class > idx.size:
-            raise ValueError(f"labels_per_class={per_class} but class {c} has only {idx.size} examples in this split")
-        chosen.append(rng.choice(idx, per_class, replace=False))
-    return np.sort(np.concatenate(chosen))
 
 
 def digits(
@@ -93,7 +67,7 @@ def digits(
     if split == "all":
         idx = np.arange(labels.size)
     else:
-        train, test = split_indices(labels, test_fraction, split_seed)
+        train, test = stratified_indices(labels, test_fraction, split_seed)
         idx = train if split == "train" else test
 
     label_map = relabel(list(classes) if classes is not None else list(range(10)), list(range(10)))
@@ -101,7 +75,7 @@ def digits(
     if labels_per_class is not None:
         if labels_per_class < 1:
             raise ValueError(f"labels_per_class must be >= 1, got {labels_per_class}")
-        idx = idx[few_shot(labels[idx], labels_per_class, seed)]
+        idx = idx[few_shot_indices(labels[idx], labels_per_class, seed)]
 
     x = images[idx]
     if image_size != x.shape[1]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -79,3 +80,82 @@ def relabel(classes: Sequence[Hashable], available: Sequence[Hashable]) -> dict[
     if len(set(classes)) != len(classes):
         raise ValueError(f"classes has repeats: {classes}")
     return {c: i for i, c in enumerate(classes)}
+
+
+def stratified_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split: each class keeps round(test_fraction * n_c) examples for test."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = round(test_fraction * idx.size)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def few_shot_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of `per_class` examples of each label, drawn without replacement (sorted)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if per_class > idx.size:
+            raise ValueError(f"labels_per_class={per_class} but class {c} has only {idx.size} examples in this split")
+        chosen.append(rng.choice(idx, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Examples `indices` of `source` (re-indexed 0..len-1); labels and class map unchanged."""
+
+    source: Any
+    indices: np.ndarray
+    info: DatasetInfo
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.source.labels)[self.indices]
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[int(self.indices[index])]
+
+
+def labels_of(source: Any) -> np.ndarray:
+    """All labels of a source that keeps them in memory (ArrayDataset, ImageFolder, Subset)."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        raise TypeError(
+            f"{type(source).__name__} does not hold its labels in memory; splitting it would decode every example"
+        )
+    return np.asarray(labels)
+
+
+def subset(source: Any, indices: Sequence[int] | np.ndarray, split: str | None = None) -> Any:
+    """The examples `indices` of `source`; an ArrayDataset stays an ArrayDataset (vectorised batches)."""
+    idx = np.asarray(indices, np.int64)
+    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= len(source))):
+        raise IndexError(f"indices must be 1-D within [0, {len(source)})")
+    info = dataclasses.replace(source.info, num_examples=int(idx.size), split=split or source.info.split)
+    if isinstance(source, ArrayDataset):
+        return ArrayDataset(source.images[idx], source.labels[idx], info)
+    return Subset(source, idx, info)
+
+
+def stratified_split(source: Any, test_fraction: float, seed: int = 0) -> tuple[Any, Any]:
+    """(train, test) subsets with round(test_fraction * n_c) test examples of each class c."""
+    train, test = stratified_indices(labels_of(source), test_fraction, seed)
+    base = source.info.split
+    return subset(source, train, f"{base}[train]"), subset(source, test, f"{base}[test]")
+
+
+def few_shot(source: Any, labels_per_class: int, seed: int = 0) -> Any:
+    """`labels_per_class` examples of every label present, drawn with `seed` (errors if a class has fewer)."""
+    chosen = few_shot_indices(labels_of(source), labels_per_class, seed)
+    return subset(source, chosen, f"{source.info.split}[{labels_per_class}-shot]")

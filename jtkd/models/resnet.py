@@ -59,18 +59,19 @@ class ResNet(layers.TorchModel):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     groups: int = 1
     width_per_group: int = 64
+    width: int = 64  # channels of the stem and of layer1 (x2 per stage); not 64 = a narrow/wide variant, no torchvision weights
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
-        x = self.conv(64, 7, 2, 3, bias=False, name="conv1")(x)
+        x = self.conv(self.width, 7, 2, 3, bias=False, name="conv1")(x)
         x = nn.relu(self.norm(name="bn1")(x, train))
         x = layers.max_pool(x, 3, 2, 1)
         block_cls, expansion = (BasicBlock, 1) if self.block == "basic" else (Bottleneck, 4)
         extra = {} if self.block == "basic" else {"groups": self.groups, "base_width": self.width_per_group}
-        in_planes = 64
+        in_planes = self.width
         for i, n_blocks in enumerate(self.stage_sizes):
-            planes = 64 * 2**i
+            planes = self.width * 2**i
             for j in range(n_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
                 down = j == 0 and (stride != 1 or in_planes != planes * expansion)

@@ -1,0 +1,146 @@
+"""The bench scripts run end to end at --size tiny and write well-formed results (no speed asserts:
+speed targets live in bench/RESULTS.md, never in tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import common, mfu
+from bench.run import SUITES, BenchConfig, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--size", "tiny", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "results.json") as f:
+        res = json.load(f)
+    return res, (out / "RESULTS.md").read_text(), out
+
+
+def _positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_tiny_train_and_distill_time_the_same_computation(tiny):
+    res, _, _ = tiny
+    assert res["config"]["size"] == "tiny" and res["machine"]["cpu"]["cores"] >= 1
+    (case,) = res["train"]
+    assert "error" not in case and "skipped" not in case, case
+    con = case["contenders"]
+    assert {"jax", "torch_eager", "torch_channels_last"} <= set(con)
+    for c in con.values():
+        assert _positive(c["items_per_s"]) and c["rounds"] == common.PRESETS["tiny"].repeats
+        assert c["items_per_s"] == pytest.approx(case["batch"] / c["step_s_median"])
+    for k, r in case["ratio"].items():
+        assert r == pytest.approx(con["jax"]["items_per_s"] / con[k]["items_per_s"])
+    # same weights, same batch, no dropout in ResNet: the first step's loss agrees across frameworks
+    assert con["jax"]["first_loss"] == pytest.approx(con["torch_eager"]["first_loss"], rel=1e-3)
+    assert con["torch_channels_last"]["first_loss"] == pytest.approx(con["torch_eager"]["first_loss"], rel=1e-3)
+    assert "torch_compile" in case["notes"]  # not timed at tiny, and the report says so
+
+    d = res["distill"]
+    assert "error" not in d, d
+    assert d["contenders"]["jax"]["first_loss"] == pytest.approx(d["contenders"]["torch_eager"]["first_loss"], rel=1e-3)
+    assert _positive(d["ratio"]["torch_eager"])
+
+
+def test_tiny_pipeline_conversion_mfu(tiny):
+    res, _, _ = tiny
+    (p,) = res["pipeline"]
+    assert {"numpy_pil_uint8", "numpy_pil_jpeg", "jtkd_data_uint8_0w", "jtkd_data_jpeg_0w"} <= set(p["contenders"])
+    assert all(_positive(c["items_per_s"]) for c in p["contenders"].values())
+
+    (c,) = res["conversion"]
+    import torchvision
+
+    sd = torchvision.models.resnet18().state_dict()
+    assert c["checkpoint_mb"] == pytest.approx(sum(t.numel() * t.element_size() for t in sd.values()) / 2**20)
+    assert c["converted_mb"] == pytest.approx(c["checkpoint_mb"], rel=0.01)  # num_batches_tracked is dropped
+    assert c["peak_delta_mb"] > 0 and _positive(c["cold_s"]) and _positive(c["warm_s"])
+    assert isinstance(c["meets_goal"], bool) and isinstance(c["meets_goal_cpu_time"], bool)
+    assert 0 < c["cold_cpu_s"] and 0 < c["warm_cpu_s"]
+
+    (m,) = res["mfu"]
+    # XLA counts elementwise work too, torch only matmuls/convs: same order of magnitude
+    assert 0.3 < m["xla_gflops_per_step"] / m["torch_counted_gflops_per_step"] < 3
+    assert all(0 < v["mfu_practical"] and 0 < v["mfu_nominal"] < 1 for v in m["contenders"].values())
+    assert _positive(res["peaks"]["matmul"]["flops_per_s"])
+
+
+def test_tiny_report_lists_every_measurement(tiny):
+    res, md, out = tiny
+    assert (out / "results.png").stat().st_size > 0
+    for heading in ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
+        assert heading in md
+    assert res["machine"]["cpu"]["model"] in md and res["machine"]["jax"] in md
+    assert res["command"] in md
+    case = res["train"][0]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {case['model']} | {case['size']} | {case['batch']} |"))
+    assert f"{case['contenders']['jax']['items_per_s']:.1f}" in row
+    assert f"{case['ratio']['torch_eager']:.2f}x" in row
+    # every Markdown table row has as many cells as its header
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            n = lines[i - 1].count("|")
+            j = i + 1
+            while j < len(lines) and lines[j].startswith("|"):
+                assert lines[j].count("|") == n, lines[j]
+                j += 1
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="--size"):
+        BenchConfig(size="huge")
+    with pytest.raises(ValueError, match="unknown suite"):
+        BenchConfig(only=("train", "speed"))
+    with pytest.raises(ValueError, match="--compile"):
+        BenchConfig(compile="sometimes")
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "tpu"])
+    cfg = parse_args(["--size", "tiny", "--only", "train,mfu", "--models", "resnet18"])
+    assert cfg.only == ("train", "mfu") and cfg.models == ("resnet18",) and set(cfg.only) <= set(SUITES)
+
+
+def test_interleaved_rotates_and_divides_by_steps():
+    calls = []
+
+    def runner(name):
+        return lambda n: calls.append((name, n))
+
+    t = common.interleaved({"a": runner("a"), "b": runner("b")}, warmup=2, repeats=3, steps=4)
+    assert calls[:2] == [("a", 2), ("b", 2)]
+    assert [c[0] for c in calls[2:]] == ["a", "b", "b", "a", "a", "b"]
+    assert all(n == 4 for _, n in calls[2:])
+    assert len(t["a"].wall) == 3 and all(w >= 0 for w in t["a"].wall)
+
+
+def test_flops_per_cycle_from_cpu_flags():
+    zen4 = {"vendor": "AuthenticAMD", "family": "25", "simd": ["avx2", "fma", "avx512f"]}
+    assert mfu.flops_per_cycle(zen4)[0] == 32
+    assert mfu.flops_per_cycle({**zen4, "family": "26"})[0] == 64
+    assert mfu.flops_per_cycle({"vendor": "GenuineIntel", "simd": ["avx2", "fma", "avx512f"]})[0] == 64
+    assert mfu.flops_per_cycle({"vendor": "GenuineIntel", "simd": ["avx2", "fma"]})[0] == 32
+    assert mfu.flops_per_cycle({"vendor": "GenuineIntel", "simd": ["avx"]})[0] == 8
+
+
+def test_omp_wait_policy_follows_load(monkeypatch):
+    monkeypatch.setattr(common, "load_average", lambda: (100.0, 0.0, 0.0))
+    assert common.omp_wait_policy("auto") == "PASSIVE"
+    monkeypatch.setattr(common, "load_average", lambda: (0.0, 0.0, 0.0))
+    assert common.omp_wait_policy("auto") == "default"
+    assert common.omp_wait_policy("active") == "ACTIVE"

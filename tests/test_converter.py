@@ -1,0 +1,207 @@
+"""Strict conversion: error paths, checkpoint loading, the CLI, head surgery and the way back."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from converters import parity
+from converters.__main__ import main as cli_main
+from converters.torchvision import (
+    ConversionError,
+    UnsafeCheckpointError,
+    convert,
+    flax_path,
+    load_checkpoint,
+    to_torch,
+)
+from jtkd import checkpoint, models
+
+
+@pytest.fixture(scope="module")
+def r18():
+    return parity.torch_model("resnet18", num_classes=10, seed=5)
+
+
+def test_flax_path_is_mechanical():
+    assert flax_path("layer1.0.downsample.1.weight") == ("layer1_0", "downsample_1", "weight")
+    assert flax_path("features.1.0.block.0.0.weight") == ("features_1_0", "block_0_0", "weight")
+    assert flax_path("encoder.layers.encoder_layer_0.ln_1.bias") == ("encoder", "layers", "encoder_layer_0", "ln_1", "bias")
+
+
+def test_prefixes_numpy_values_and_no_aliasing(r18):
+    sd = {f"module._orig_mod.{k}": v.numpy() for k, v in r18.state_dict().items()}
+    v = convert("resnet18", sd)
+    ref = convert("resnet18", r18.state_dict())
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    # converted arrays never share memory with the torch tensors (torch updates BN stats in place)
+    r18.state_dict()["bn1.running_mean"].add_(1.0)
+    assert not np.allclose(ref["batch_stats"]["bn1"]["mean"], r18.state_dict()["bn1.running_mean"].numpy())
+    r18.state_dict()["bn1.running_mean"].sub_(1.0)
+
+
+def test_all_problems_reported_together(r18):
+    sd = dict(r18.state_dict())
+    sd["layer1.0.conv1.wieght"] = sd.pop("layer1.0.conv1.weight")  # renamed -> missing + unexpected
+    sd["layer2.0.bn1.weight"] = torch.ones(3)  # wrong shape
+    sd["extra.thing"] = torch.zeros(1)
+    with pytest.raises(ConversionError) as e:
+        convert("resnet18", sd)
+    msg = str(e.value)
+    assert "1 missing" in msg and "layer1.0.conv1.weight" in msg
+    assert "2 unexpected" in msg and "layer1.0.conv1.wieght" in msg and "extra.thing" in msg
+    assert "1 shape mismatch" in msg and "layer2.0.bn1.weight" in msg and "(3,)" in msg
+
+
+def test_other_architecture_is_named(r18):
+    with pytest.raises(ConversionError) as e:
+        convert("resnet50", r18.state_dict())
+    msg = str(e.value)
+    assert "resnet50" in msg and "missing" in msg and "shape mismatch" in msg
+
+
+def test_unknown_model_and_bad_input():
+    with pytest.raises(KeyError, match="unknown model 'resnet9'"):
+        convert("resnet9", {})
+    with pytest.raises(ConversionError, match="expected a state_dict"):
+        convert("resnet18", [1, 2, 3])
+
+
+def test_num_classes_guard_and_head_reinit(r18):
+    with pytest.raises(ConversionError, match="head='reinit'"):
+        convert("resnet18", r18.state_dict(), num_classes=3)
+    v = convert("resnet18", r18.state_dict(), head="reinit", num_classes=3, rng=jax.random.key(1))
+    assert v["params"]["fc"]["kernel"].shape == (512, 3)
+    kept = convert("resnet18", r18.state_dict())
+    np.testing.assert_array_equal(v["params"]["layer4_1"]["conv2"]["kernel"], kept["params"]["layer4_1"]["conv2"]["kernel"])
+    # the backbone still computes the same pooled features as torch
+    x = parity.probe_batch(2, 61, 67)
+    _, feats = models.features(models.create("resnet18", num_classes=3), v, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    with torch.no_grad():
+        r18.fc, fc = torch.nn.Identity(), r18.fc
+        ref = r18(torch.from_numpy(x)).numpy()
+        r18.fc = fc
+    np.testing.assert_allclose(np.asarray(feats["pooled"]), ref, atol=1e-4)
+
+
+def test_feature_extractor_mode(r18):
+    v = convert("resnet18", r18.state_dict())
+    fe = models.create("resnet18", num_classes=0)
+    x = jnp.ones((2, 64, 64, 3))
+    pooled = fe.apply({"params": {k: p for k, p in v["params"].items() if k != "fc"}, "batch_stats": v["batch_stats"]}, x)
+    assert pooled.shape == (2, 512)
+    _, feats = models.features(models.create("resnet18", num_classes=10), v, x)
+    assert {"layer1", "layer2", "layer3", "layer4", "pooled"} <= set(feats)
+    assert feats["layer4"].shape == (2, 2, 2, 512)
+    np.testing.assert_allclose(np.asarray(feats["pooled"]), np.asarray(pooled), atol=1e-5)
+
+
+def test_load_checkpoint_formats(tmp_path, r18):
+    sd = r18.state_dict()
+    torch.save(sd, tmp_path / "a.pth")
+    torch.save({"epoch": 3, "state_dict": sd, "optimizer": {"lr": 0.1}}, tmp_path / "b.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "c.safetensors"))
+    for name in ("a.pth", "b.pt", "c.safetensors"):
+        got = load_checkpoint(tmp_path / name)
+        assert set(got) == set(sd)
+        torch.testing.assert_close(got["fc.weight"], sd["fc.weight"])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('JTKD_EVIL_MARKER', '/tmp/jtkd_pwned')}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("JTKD_EVIL_MARKER", str(marker))
+    path = tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2), "payload": _Evil()}, path)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # a raw (non-zip) pickle with a code-running reduce is refused as well
+    raw = tmp_path / "evil_raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises((UnsafeCheckpointError, ValueError)):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_truncated_and_missing_checkpoints(tmp_path, r18):
+    path = tmp_path / "full.pth"
+    torch.save(r18.state_dict(), path)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(cut)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_cli_converts_a_resnet50_checkpoint(tmp_path):
+    model = torchvision.models.resnet50(num_classes=10)
+    parity.randomize_(model, seed=7)
+    torch.save(model.state_dict(), tmp_path / "x.pth")
+    out = tmp_path / "d"
+    assert cli_main(["resnet50", "--checkpoint", str(tmp_path / "x.pth"), "--out", str(out), "--probe-size", "97", "131"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_classes"] == 10 and report["argmax_equal"]
+    assert report["max_abs_logit_diff"] <= 1e-4
+    assert report["param_count"] == sum(p.numel() for p in model.parameters())
+    restored = checkpoint.load_variables(out / "variables")
+    ref = convert("resnet50", model.state_dict())
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), tmp_path / "r18.pth")
+    assert cli_main(["resnet50", "--checkpoint", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not match jtkd model 'resnet50'" in capsys.readouterr().err
+
+
+def test_cli_offline_weights_message(tmp_path):
+    # no internet here: torchvision's weights API fails, and the message says what to do instead
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th"), "no_proxy": "*", "https_proxy": "http://127.0.0.1:9"}
+    r = subprocess.run(
+        [sys.executable, "-m", "converters", "resnet18", "--weights", "DEFAULT", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "needs internet" in r.stderr and "--checkpoint" in r.stderr
+
+
+def test_to_torch_round_trip_after_finetuning_a_new_head(r18):
+    v = convert("resnet18", r18.state_dict(), head="reinit", num_classes=3, rng=jax.random.key(0))
+    # "fine-tune": perturb every leaf, as training would (scale-aware, running variances stay positive)
+    rng = np.random.default_rng(0)
+    v = jax.tree.map(lambda a: np.asarray(a) * (1 + 0.05 * rng.standard_normal(np.shape(a), dtype=np.float32)), v)
+    sd = to_torch("resnet18", v)
+    back = torchvision.models.resnet18(num_classes=3).eval()
+    back.load_state_dict(sd, strict=True)
+    x = parity.probe_batch(2, 71, 53)
+    np.testing.assert_allclose(parity.torch_logits(back, x), parity.flax_logits("resnet18", v, x, num_classes=3), atol=1e-4)
+
+
+def test_to_torch_reports_extra_flax_leaves(r18):
+    v = convert("resnet18", r18.state_dict())
+    v["params"]["surprise"] = {"kernel": np.zeros((1, 1))}
+    with pytest.raises(ConversionError, match="surprise"):
+        to_torch("resnet18", v)

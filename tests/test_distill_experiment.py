@@ -1,0 +1,99 @@
+"""experiments/distill.py: CLI parsing, the few-label transfer split, a resumable end-to-end run from a
+torch checkpoint (metrics, plot, exported student), and the results table writer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from experiments import distill as exp
+from jtkd import config as cfglib
+from jtkd.loop import ArraySource, read_jsonl
+
+
+def test_cli_parses_into_typed_config():
+    cfg = cfglib.parse_args(
+        exp.DistillRun(),
+        ["--teacher", "resnet34:a.pth,resnet50:b.pth", "--student", "resnet18", "--method", "kd+at",
+         "--weights", "0.9,1000", "--temperature", "3", "--data", "tfds:cifar100", "--steps", "7", "--lr", "0.1"],
+    )
+    assert cfg.teacher == ("resnet34:a.pth", "resnet50:b.pth")
+    assert cfg.distill.method == "kd+at" and cfg.distill.weights == (0.9, 1000.0) and cfg.distill.temperature == 3.0
+    assert cfg.loop.steps == 7 and cfg.optim.lr == 0.1 and cfg.data == "tfds:cifar100"
+    with pytest.raises(ValueError, match="--data must be"):
+        cfglib.parse_args(exp.DistillRun(), ["--data", "imagenet"])
+    with pytest.raises(cfglib.ConfigError, match="unknown option"):
+        cfglib.parse_args(exp.DistillRun(), ["--tempreature", "3"])
+
+
+def test_few_labels_keeps_a_transfer_set_and_mixed_batches_carry_labels():
+    labels = np.repeat(np.arange(4), 10).astype(np.int32)
+    images = np.arange(40, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3), np.float32)
+    split = exp.Split({"image": images, "label": labels}, 4)
+    labelled, transfer = exp.few_labels(split, 3, seed=1, keep_unlabelled=True)
+    assert labelled.n == 12 and np.array_equal(np.bincount(labelled.arrays["label"]), [3, 3, 3, 3])
+    rows = labelled.arrays["image"][:, 0, 0, 0].astype(int)
+    assert np.array_equal(labels[rows], labelled.arrays["label"])  # labels stay attached to their images
+    assert transfer.n == 40 and np.all(transfer.arrays["label"] == -1)
+    alone, none = exp.few_labels(split, 3, seed=1, keep_unlabelled=False)
+    assert none is None and np.array_equal(alone.arrays["label"], labelled.arrays["label"])
+    assert not np.array_equal(exp.few_labels(split, 3, seed=2, keep_unlabelled=True)[0].arrays["image"], labelled.arrays["image"])
+    mixed = exp.MixedSource(ArraySource(labelled.arrays, 4, seed=0), ArraySource(transfer.arrays, 6, seed=1))
+    for step in range(5):
+        b = mixed(step)
+        assert b["image"].shape[0] == 10 and np.all(b["label"][:4] >= 0) and np.all(b["label"][4:] == -1)
+        assert all(np.array_equal(b[k], mixed(step)[k]) for k in b)  # a pure function of the step (resume)
+
+
+def test_shift_augment_is_a_seeded_translation():
+    x = np.random.default_rng(0).standard_normal((5, 8, 8, 3)).astype(np.float32)
+    aug = exp.shift_augment(2)
+    a = aug({"image": x, "label": np.arange(5)}, np.random.default_rng(3))
+    b = aug({"image": x, "label": np.arange(5)}, np.random.default_rng(3))
+    assert a["image"].shape == x.shape and np.array_equal(a["image"], b["image"])
+    assert not np.array_equal(a["image"], x)
+    # the centre of every image is a shifted copy of the original (edge padding only at the border)
+    for i in range(5):
+        assert any(np.array_equal(a["image"][i, 2:6, 2:6], x[i, 2 + dy : 6 + dy, 2 + dx : 6 + dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_end_to_end_run_from_torch_checkpoint_resumes(tmp_path):
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet18(num_classes=10)
+    ckpt = tmp_path / "teacher.pth"
+    torch.save(teacher.state_dict(), ckpt)
+    work = tmp_path / "run"
+    args = ["--teacher", f"resnet18:{ckpt}", "--student", "resnet18", "--method", "dkd", "--data", "digits",
+            "--image_size", "16", "--labels_per_class", "3", "--batch_size", "16", "--log_every", "2",
+            "--eval_every", "0", "--no-progress", "--no-cache_teacher", "--workdir", str(work)]
+    first = exp.main(args + ["--steps", "2"])
+    assert first["labelled_examples"] == 30 and first["transfer_examples"] > 1000  # few labels + transfer set
+    assert len(first["teacher_accuracy"]) == 1 and 0 <= first["teacher_accuracy"][0] <= 1
+    second = exp.main(args + ["--steps", "4"])  # same workdir: continues from the step-2 checkpoint
+    rows = read_jsonl(work / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+    assert {"train/loss_dkd", "train/ce", "train/teacher_accuracy", "train/agreement"} <= set(rows[0])
+    assert (work / "metrics.png").stat().st_size > 0 and (work / "config.json").exists()
+    assert json.loads((work / "results.json").read_text())["accuracy"] == second["accuracy"]
+    # the student goes back to torchvision intact
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(work / "student.pth", weights_only=True), strict=True)
+
+
+def test_table_writer(tmp_path):
+    cfg = exp.table_defaults(exp.DistillRun(methods=("ce", "kd"), seeds=(0, 1), workdir=str(tmp_path)))
+    runs = [{"method": m, "seed": s, "accuracy": a} for m, s, a in [("ce", 0, 0.6), ("ce", 1, 0.7), ("kd", 0, 0.9), ("kd", 1, 0.94)]]
+    for r in runs:
+        d = tmp_path / r["method"] / f"seed{r['seed']}"
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/accuracy": r["accuracy"]}) + "\n")
+    summary = exp.summarise(runs, cfg, {"spec": ["resnet34:t.pth"], "jax_accuracy": [0.98], "torch_accuracy": 0.98}, 12.0)
+    exp.write_table(summary, tmp_path)
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows["kd"]["mean"] == pytest.approx(0.92) and rows["ce"]["std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    md = (tmp_path / "results.md").read_text()
+    assert "| KD (Hinton) | 0.9200 |" in md and "5 labels per class" in md
+    assert (tmp_path / "results.png").stat().st_size > 1000
