@@ -17,6 +17,7 @@ train loop continues while arrays are written) unless `async_save=False`.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,16 @@ def tree_to_state(template: Any, tree: dict[str, Any]) -> Any:
     return flax.serialization.from_state_dict(template, tree)
 
 
+def _remove_stale_tmp(directory: Path) -> None:
+    """Delete uncommitted writes left by a killed run, synchronously, before orbax starts: its own
+    cleanup is asynchronous and races with a resumed run that saves the same step again."""
+    if jax.process_index() != 0:
+        return
+    for sub in ("state", "best"):
+        for tmp in (directory / sub).glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _float_metrics(metrics: dict[str, Any] | None) -> dict[str, float] | None:
     if metrics is None:
         return None
@@ -77,6 +88,7 @@ class TrainCheckpointer:
             raise ValueError(f"max_to_keep must be >= 1 (or None for all), got {max_to_keep}")
         self.directory = Path(directory).resolve()
         self.best_metric, self.best_mode = best_metric, best_mode
+        _remove_stale_tmp(self.directory)
         common = {"create": True, "cleanup_tmp_directories": True, "enable_async_checkpointing": async_save}
         self._state = ocp.CheckpointManager(
             self.directory / "state", options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
