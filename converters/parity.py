@@ -210,7 +210,7 @@ def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) 
     return row
 
 
-def write_markdown(rows: Sequence[dict[str, Any]], path: str) -> None:
+def write_markdown(rows: Sequence[dict[str, Any]], path: str, missing: Sequence[str] = ()) -> None:
     import platform
 
     import torch
@@ -238,6 +238,9 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str) -> None:
             f"{r['max_abs_logit']:.3g} | {r['atol']:.0e} | {'yes' if r['argmax_equal'] else 'NO'} | {r['convert_s']:.2f} | "
             f"{r['first_divergence'] or '-'} |"
         )
+    if missing:
+        lines += ["", f"Not measured in this generation ({len(missing)}): {', '.join(missing)} "
+                  "(marked slow; `python -m pytest -m slow tests/test_parity.py` or `--all` runs them)."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -260,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in open(args.from_jsonl):
             r = json.loads(line)
             rows[r["model"]] = r
-        write_markdown([rows[n] for n in sorted(rows)], args.markdown or "PARITY.md")
+        missing = [n for n in models.list_models() if n not in rows]
+        write_markdown([rows[n] for n in sorted(rows)], args.markdown or "PARITY.md", missing)
         return 0
     if args.all:
         from tqdm import tqdm
