@@ -1,8 +1,11 @@
 """Model FLOPs utilisation: a train step's achieved FLOP/s over the machine's peak.
 
-Step FLOPs: XLA's own count for the compiled jtkd step (`compiled.cost_analysis()['flops']`, which
-includes elementwise work), cross-checked against torch's FlopCounterMode (matmuls and convolutions
-only) for the same step. The same count divides both frameworks' step times, so their MFUs compare.
+Model FLOPs per step: 3x the forward pass as XLA counts it on the unoptimised HLO (the usual MFU
+convention: backward = 2x forward), see `bench.train_step.model_flops`. Also listed: XLA's count of
+the compiled step (what XLA executes, elementwise work included; more than the model needs where
+XLA rewrites an op expensively, e.g. depthwise weight gradients) and torch's FlopCounterMode count
+(matmuls and convolutions only; it also overcounts depthwise gradients). The same model FLOPs divide
+both frameworks' step times, so their MFUs compare.
 
 Two peaks are reported:
 - nominal: cores x clock x fp32 FLOPs/cycle/core, the latter from the CPU's SIMD flags:
@@ -106,12 +109,13 @@ def utilisation(train_results: list[dict[str, Any]], peaks: dict[str, Any]) -> l
     per_core = nominal / peaks["nominal"]["cores"] if nominal else None
     rows = []
     for case in train_results:
-        flops = case.get("xla_flops_per_step")
+        flops = case.get("model_flops_per_step") or case.get("xla_flops_per_step")
         if not flops or not case.get("contenders"):
             continue
         row: dict[str, Any] = {
             "model": case["model"], "size": case["size"], "batch": case["batch"],
-            "xla_gflops_per_step": flops / 1e9,
+            "model_gflops_per_step": flops / 1e9,
+            "xla_gflops_per_step": (case.get("xla_flops_per_step") or 0) / 1e9 or None,
             "torch_counted_gflops_per_step": (case.get("torch_flops_per_step") or 0) / 1e9 or None,
             "contenders": {},
         }

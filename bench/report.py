@@ -152,11 +152,13 @@ def _mfu(res: dict[str, Any]) -> list[str]:
     rows = []
     for r in res.get("mfu", []):
         for k, v in r["contenders"].items():
-            rows.append([r["model"], str(r["size"]), str(r["batch"]), LABEL[k], _f(r["xla_gflops_per_step"], ".1f"),
+            rows.append([r["model"], str(r["size"]), str(r["batch"]), LABEL[k], _f(r.get("model_gflops_per_step"), ".1f"),
+                         _f(r["xla_gflops_per_step"], ".1f"),
                          _f(r["torch_counted_gflops_per_step"], ".1f"), _f(v["gflops_per_s"], ".1f"),
                          _f(v["mfu_nominal"] and 100 * v["mfu_nominal"], ".1f"), _f(100 * v["mfu_practical"], ".1f"),
                          _f(v.get("gflops_per_cpu_s"), ".1f"), _f(v.get("mfu_cpu_time") and 100 * v["mfu_cpu_time"], ".1f")])
-    return out + _table(["model", "px", "batch", "contender", "XLA GFLOP/step", "torch-counted GFLOP/step", "GFLOP/s",
+    return out + _table(["model", "px", "batch", "contender", "model GFLOP/step (3x fwd)", "XLA-executed GFLOP/step",
+                         "torch-counted GFLOP/step", "model GFLOP/s",
                          "MFU % of nominal", "MFU % of matmul", "GFLOP per CPU-s", "MFU % per CPU-s (1 core nominal)"], rows)
 
 

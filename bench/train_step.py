@@ -87,6 +87,31 @@ def compile_jax_step(step: Callable, state: Any, batch: Any, extra: Any) -> tupl
     return compiled, seconds, flops
 
 
+def model_flops(name: str, size: int, batch: int) -> float | None:
+    """Model FLOPs of one train step: 3x the forward pass (backward = 2x forward), the MFU convention.
+
+    XLA's count of the compiled step is what XLA executes, which is not always what the model needs:
+    XLA:CPU computes a depthwise convolution's weight gradient as a dense C x C convolution (C times
+    the work), so for MobileNet its count is 8x the model's. The forward pass is counted on the
+    unoptimised HLO (`Lowered.cost_analysis`), which has no such rewrite.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jtkd import models
+
+    module = models.create(name, num_classes=NUM_CLASSES)
+    variables = jax.eval_shape(lambda: models.init(module, jax.random.key(0), size))
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    try:
+        ca = jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, x).cost_analysis()
+    except Exception:  # noqa: BLE001 - best effort: the MFU table then uses XLA's step count
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return 3.0 * float(ca["flops"]) if ca and "flops" in ca else None
+
+
 def jax_runner(compiled: Callable, state: Any, batch: Any, extra: Any) -> tuple[Runner, Callable[[], float]]:
     """A runner over a donated state, and a function returning the last step's loss."""
     import jax
@@ -193,6 +218,7 @@ def run_case(case: TrainCase, preset: Preset, device: str, compile_: bool, progr
     compiled, compile_s, xla_flops = compile_jax_step(step, state, batch, None)
     out["jax_compile_s"] = compile_s
     out["xla_flops_per_step"] = xla_flops
+    out["model_flops_per_step"] = model_flops(case.model, case.size, case.batch)
 
     def factory() -> Any:
         m = torch_model(case.model)

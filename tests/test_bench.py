@@ -75,7 +75,9 @@ def test_tiny_pipeline_conversion_mfu(tiny):
     assert 0 < c["cold_cpu_s"] and 0 < c["warm_cpu_s"]
 
     (m,) = res["mfu"]
-    # XLA counts elementwise work too, torch only matmuls/convs: same order of magnitude
+    # ResNet has no op XLA rewrites expensively: 3x forward ~= XLA's count of the compiled step, and
+    # torch (matmuls/convs only) counts the same order of magnitude
+    assert m["model_gflops_per_step"] == pytest.approx(m["xla_gflops_per_step"], rel=0.1)
     assert 0.3 < m["xla_gflops_per_step"] / m["torch_counted_gflops_per_step"] < 3
     assert all(0 < v["mfu_practical"] and 0 < v["mfu_nominal"] < 1 for v in m["contenders"].values())
     assert _positive(res["peaks"]["matmul"]["flops_per_s"])
