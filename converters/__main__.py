@@ -18,7 +18,14 @@ import jax
 import numpy as np
 
 from converters import parity
-from converters.torchvision import ConversionError, UnsafeCheckpointError, convert, download_weights, load_checkpoint
+from converters.torchvision import (
+    ConversionError,
+    UnsafeCheckpointError,
+    convert,
+    download_weights,
+    load_checkpoint,
+    model_kwargs,
+)
 from jtkd import checkpoint
 from jtkd.models import get_spec
 
@@ -50,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = parity.probe_batch(args.probe_batch, h, w)
     model = parity.torch_model(args.name, sd)
     ref = parity.torch_logits(model, x)
-    got = parity.flax_logits(args.name, variables, x, num_classes=ref.shape[-1], **_extra_kw(spec, sd))
+    got = parity.flax_logits(args.name, variables, x, **model_kwargs(args.name, sd))
     report = {
         "model": args.name,
         "source": args.checkpoint or f"torchvision:{args.weights}",
@@ -66,14 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
-
-
-def _extra_kw(spec, sd) -> dict:
-    from converters.torchvision import _fix_keys
-
-    if spec.infer_kwargs is None:
-        return {}
-    return spec.infer_kwargs({k: tuple(v.shape) for k, v in _fix_keys(spec, sd).items()})
 
 
 if __name__ == "__main__":

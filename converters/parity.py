@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters.torchvision import convert, flax_path, infer_num_classes, load_checkpoint, _fix_keys
+from converters.torchvision import _fix_keys, convert, flax_path, infer_num_classes, load_checkpoint, model_kwargs
 from jtkd import models
 from jtkd.models.registry import get_spec
 
@@ -81,12 +81,8 @@ def torch_model(name: str, state_dict: dict | None = None, seed: int = 0, **kw: 
 
     torch.manual_seed(seed)
     if state_dict is not None:
-        spec = get_spec(name)
-        sd = _fix_keys(spec, state_dict)
-        kw.setdefault("num_classes", infer_num_classes(spec, sd))
-        if spec.infer_kwargs is not None:
-            kw = {**spec.infer_kwargs({k: tuple(v.shape) for k, v in sd.items()}), **kw}
-        model = torchvision.models.get_model(name, weights=None, **kw)
+        sd = _fix_keys(get_spec(name), state_dict)
+        model = torchvision.models.get_model(name, weights=None, **{**model_kwargs(name, state_dict), **kw})
         model.load_state_dict(sd, strict=True)
     else:
         h, w = get_spec(name).test_size

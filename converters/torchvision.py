@@ -179,6 +179,12 @@ def _model_kwargs(spec: ModelSpec, state_dict: Mapping[str, Any], overrides: Map
     return kw
 
 
+def model_kwargs(name: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The builder kwargs (num_classes, aux_logits, image_size, ...) a torch state_dict implies."""
+    spec = get_spec(name)
+    return _model_kwargs(spec, _fix_keys(spec, state_dict), {})
+
+
 # ------------------------------------------------------------------------------------------ convert
 def convert(
     name: str,
