@@ -85,7 +85,7 @@ def test_end_to_end_run_from_torch_checkpoint_resumes(tmp_path):
 
 def test_table_writer(tmp_path):
     cfg = exp.table_defaults(exp.DistillRun(methods=("ce", "kd"), seeds=(0, 1), workdir=str(tmp_path)))
-    runs = [{"method": m, "seed": s, "accuracy": a} for m, s, a in [("ce", 0, 0.6), ("ce", 1, 0.7), ("kd", 0, 0.9), ("kd", 1, 0.94)]]
+    runs = [{"method": m, "seed": s, "accuracy": a, "student_params": 700_000} for m, s, a in [("ce", 0, 0.6), ("ce", 1, 0.7), ("kd", 0, 0.9), ("kd", 1, 0.94)]]
     for r in runs:
         d = tmp_path / r["method"] / f"seed{r['seed']}"
         d.mkdir(parents=True)
@@ -95,5 +95,6 @@ def test_table_writer(tmp_path):
     rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     assert rows["kd"]["mean"] == pytest.approx(0.92) and rows["ce"]["std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
     md = (tmp_path / "results.md").read_text()
-    assert "| KD (Hinton) | 0.9200 |" in md and "5 labels per class" in md
+    assert "| KD (Hinton) (λ=0.9 default) | 0.9200 | 0.0283 |" in md and "5 labels per class" in md
+    assert "(0.70M parameters)" in md
     assert (tmp_path / "results.png").stat().st_size > 1000
