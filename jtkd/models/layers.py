@@ -9,6 +9,7 @@ input size, and the NCHW flatten order in front of fully connected classifiers.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -27,6 +28,70 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+# Output maps up to this many pixels run as one matmul over shifted slices on CPU (see `conv`).
+_SMALL_MAP = 64
+
+
+def _shifted_slices(x: jax.Array, kernel: tuple[int, int], strides: Sequence[int],
+                    padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> tuple[list[jax.Array], int, int]:
+    """The kh*kw strided windows of the padded NHWC input, each of the output's spatial shape."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    n, h, w, c = x.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    return [
+        jax.lax.slice(x, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        for i in range(kh) for j in range(kw)
+    ], ho, wo
+
+
+def conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kw: Any,
+) -> jax.Array:
+    """`lax.conv_general_dilated` for NHWC/HWIO, routing the shapes XLA:CPU handles badly to matmuls.
+
+    On CPU (see bench/FINDINGS.md) XLA runs depthwise convolutions' weight gradients as dense C x C
+    convolutions, runs grouped convolutions 7-40x slower than a batched matmul, swaps the operands of 3x3 convolutions on maps smaller than the kernel into a
+    generic loop, and is slower than a plain dot for 1x1 convolutions. Those cases are computed here
+    as sums/matmuls over the kh*kw shifted input windows, which is the same sum in another order
+    (differences at float rounding level) and 2-40x faster there, forward and backward. Everything
+    else, and every other backend, calls XLA's convolution. `JTKD_CONV=xla` turns this off.
+    """
+    xla = partial(jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                  feature_group_count=feature_group_count, precision=precision, **kw)
+    dilation = tuple(rhs_dilation or (1, 1))
+    if (jax.default_backend() != "cpu" or os.environ.get("JTKD_CONV", "auto") == "xla" or kw
+            or any(d != 1 for d in (lhs_dilation or ())) or isinstance(padding, str) or lhs.ndim != 4
+            or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
+        return xla()
+    kh, kw_, cin, cout = rhs.shape
+    c = lhs.shape[-1]
+    if feature_group_count == c and cin == 1 and cout == c:  # depthwise
+        cols, _, _ = _shifted_slices(lhs, (kh, kw_), window_strides, padding, dilation)
+        return sum(col * rhs[i // kw_, i % kw_, 0] for i, col in enumerate(cols))
+    g = feature_group_count
+    cols, ho, wo = _shifted_slices(lhs, (kh, kw_), window_strides, padding, dilation)
+    if g > 1:  # grouped (ResNeXt, RegNet): one batched matmul over the groups
+        patches = jnp.stack(cols, axis=-2).reshape(*cols[0].shape[:3], kh * kw_, g, cin)
+        out = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, rhs.reshape(kh * kw_, cin, g, cout // g), precision=precision)
+        return out.reshape(*out.shape[:3], cout)
+    if kh * kw_ > 1 and ho * wo > _SMALL_MAP:
+        return xla()
+    patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+    return jnp.dot(patches, rhs.reshape(kh * kw_ * cin, cout), precision=precision)
 
 
 def Conv2d(
@@ -54,6 +119,7 @@ def Conv2d(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=kernel_init,
+        conv_general_dilated=conv,
         name=name,
     )
 
