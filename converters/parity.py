@@ -20,7 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters.torchvision import _fix_keys, convert, flax_path, infer_num_classes, load_checkpoint, model_kwargs
+from converters.torchvision import (
+    _fix_keys,
+    build_torch_model,
+    convert,
+    flax_path,
+    infer_num_classes,
+    load_checkpoint,
+    model_kwargs,
+)
 from jtkd import models
 from jtkd.models.registry import get_spec
 
@@ -77,17 +85,18 @@ def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -
 def torch_model(name: str, state_dict: dict | None = None, seed: int = 0, **kw: Any) -> Any:
     """A torchvision model in eval mode: the checkpoint's weights, or random ones (randomize_)."""
     import torch
-    import torchvision
 
     torch.manual_seed(seed)
     if state_dict is not None:
         sd = _fix_keys(get_spec(name), state_dict)
-        model = torchvision.models.get_model(name, weights=None, **{**model_kwargs(name, state_dict), **kw})
+        model = build_torch_model(name, **{**model_kwargs(name, state_dict), **kw})
+        if not hasattr(sd, "_metadata"):  # a bare dict: the module versions of the model it was built as
+            sd._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
         model.load_state_dict(sd, strict=True)
     else:
         h, w = get_spec(name).test_size
         calib = probe_batch(4, h, w, seed=seed + 1000)
-        model = randomize_(torchvision.models.get_model(name, weights=None, **kw), seed, calibrate=calib)
+        model = randomize_(build_torch_model(name, **kw), seed, calibrate=calib)
     return model.eval()
 
 

@@ -142,7 +142,9 @@ def _is_derived(spec: ModelSpec, key: str) -> bool:
 
 
 def _fix_keys(spec: ModelSpec, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = collections.OrderedDict()
+    if hasattr(state_dict, "_metadata"):  # module versions: torchvision's load hooks read them
+        out._metadata = state_dict._metadata  # type: ignore[attr-defined]
     for k, v in state_dict.items():
         k = _strip_wrappers(k)
         for pat, rep in spec.key_fixups:
@@ -276,7 +278,7 @@ def _torch_names(name: str, model_kw: Mapping[str, Any], leaves: list[tuple[str,
     if not leaves:
         return {}
     try:
-        expected = _torch_model(name, "meta", **model_kw).state_dict()
+        expected = build_torch_model(name, "meta", **model_kw).state_dict()
     except Exception:  # noqa: BLE001  the names are a courtesy; the error is raised regardless
         return {}
     targets = dict.fromkeys(leaves)
@@ -302,27 +304,57 @@ def _report(name: str, missing: list[str], unexpected: list[str], mismatched: li
 
 
 # -------------------------------------------------------------------------------------- to_torch
-def _torch_model(name: str, device: str, **kw: Any):
+def build_torch_model(name: str, device: str = "cpu", **kw: Any) -> Any:
+    """The (untrained) torchvision model that jtkd model `name` with builder kwargs `kw` mirrors."""
     import torch
     import torchvision
 
+    spec = get_spec(name)
+    build = spec.torch_builder or (lambda n, **k: torchvision.models.get_model(n, weights=None, **k))
     try:
         with torch.device(device):
-            return torchvision.models.get_model(name, weights=None, **kw)
+            return build(name, **kw)
     except NotImplementedError:  # builders that compute with tensor values (RegNet's widths) need real ones
         if device == "cpu":
             raise
-        return torchvision.models.get_model(name, weights=None, **kw)
+        return build(name, **kw)
+
+
+_TORCH_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "mean": "running_mean", "var": "running_var"}
+
+
+def _torch_shapes(flat: Mapping[tuple[str, ...], Any]) -> dict[str, tuple[int, ...]]:
+    """torch key -> torch shape for Flax leaves: the inverse of the mechanical key map, enough for a
+    spec's infer_kwargs (names whose own '_<n>' is not a torch index come out wrong, harmlessly)."""
+    out = {}
+    for (_, *path, leaf), v in flat.items():
+        parts = []
+        for seg in path:
+            head, *idx = seg.split("_")
+            while idx and not all(i.isdigit() for i in idx):
+                head, idx = f"{head}_{idx[0]}", idx[1:]
+            parts += [head, *idx]
+        shape = tuple(np.shape(v))
+        if leaf == "kernel":
+            shape = _flax_to_torch_array(np.empty(shape, np.bool_), "kernel").shape
+        out[".".join(parts + [_TORCH_LEAVES.get(leaf, leaf)])] = shape
+    return out
 
 
 def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[str, Any]:
-    """A torch state_dict for torchvision model `name` from Flax variables; loads with strict=True."""
+    """A torch state_dict for torchvision model `name` from Flax variables; loads with strict=True.
+
+    The builder kwargs (num_classes, aux_logits, ViT image_size, ...) are read from the variables'
+    shapes as `convert` reads them from a checkpoint; `model_kw` overrides them.
+    """
     import torch
 
     spec = get_spec(name)
     flat = _flat({"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})})
     kw = {"num_classes": _flax_num_classes(spec, flat), **model_kw}
-    expected = _torch_model(name, "meta", **kw).state_dict()
+    if spec.infer_kwargs is not None:  # aux_logits, image_size, ... as the variables' shapes imply
+        kw = {**spec.infer_kwargs(_torch_shapes(flat)), **kw}
+    expected = build_torch_model(name, "meta", **kw).state_dict()
     out: dict[str, Any] = {}
     used: set[tuple[str, ...]] = set()
     missing, mismatched, derived = [], [], []
@@ -345,7 +377,7 @@ def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[s
     if missing or mismatched or unexpected:
         raise ConversionError(_report(name, missing, unexpected, mismatched, len(expected)))
     if derived:
-        real = _torch_model(name, "cpu", **kw).state_dict() if any(not k.endswith("num_batches_tracked") for k in derived) else {}
+        real = build_torch_model(name, "cpu", **kw).state_dict() if any(not k.endswith("num_batches_tracked") for k in derived) else {}
         for key in derived:
             out[key] = real[key].clone() if key in real else torch.zeros((), dtype=expected[key].dtype)
     result = collections.OrderedDict((k, out[k]) for k in expected)

@@ -30,3 +30,53 @@ def test_round_trip_reproduces_state_dict(name):
             continue
         torch.testing.assert_close(back[k], v, rtol=0, atol=0, msg=k)
     model.load_state_dict(back, strict=True)
+
+
+def _assert_same_state(back, sd):
+    assert list(back) == list(sd)
+    for k, v in sd.items():
+        if not k.endswith("num_batches_tracked"):
+            torch.testing.assert_close(back[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("googlenet", {"aux_logits": False, "init_weights": False}),
+        ("inception_v3", {"aux_logits": False, "init_weights": False}),
+        ("vit_b_32", {"image_size": 160}),
+    ],
+)
+def test_builder_kwargs_come_back_from_the_variables(name, kw):
+    """Non-default architectures (no aux heads, ViT at 160 px) export with no kwargs passed to to_torch."""
+    model = parity.torch_model(name, num_classes=6, seed=2, **kw)
+    sd = model.state_dict()
+    back = to_torch(name, convert(name, sd))
+    _assert_same_state(back, sd)
+    model.load_state_dict(back, strict=True)
+
+
+def test_mnasnet_version1_stem_exports_as_version1():
+    """A version-1 MNASNet checkpoint (32/16-channel stem) goes back with version 1 in its metadata, so
+    a stock torchvision mnasnet0_5 loads it strictly and computes the Flax logits."""
+    import warnings
+
+    import torchvision
+    from test_densenet_mnasnet_legacy import _mnasnet_v1_state_dict
+
+    sd = _mnasnet_v1_state_dict(0.5, num_classes=7)
+    variables = convert("mnasnet0_5", dict(sd))  # a bare dict: no metadata to go by
+    back = to_torch("mnasnet0_5", variables)
+    assert back._metadata[""]["version"] == 1
+    _assert_same_state(back, sd)
+    model = torchvision.models.mnasnet0_5(num_classes=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.load_state_dict(back, strict=True)
+    x = parity.probe_batch(2, 45, 53, seed=4)
+    ref = parity.torch_logits(model.eval(), x)
+    got = parity.flax_logits("mnasnet0_5", variables, x, num_classes=7, legacy_stem=True)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    # the harness rebuilds the same torch model from the checkpoint, with or without its metadata
+    for ckpt in (sd, dict(sd)):
+        np.testing.assert_allclose(parity.torch_logits(parity.torch_model("mnasnet0_5", ckpt), x), ref, atol=1e-6, rtol=0)

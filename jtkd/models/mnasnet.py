@@ -13,7 +13,9 @@ infers it from the checkpoint's `layers.0.weight` shape.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -104,6 +106,19 @@ def _infer_legacy_stem(alpha: float):
     return infer
 
 
+def _torch_mnasnet(name: str, legacy_stem: bool = False, **kw: Any) -> Any:
+    """torchvision's MNASNet; legacy_stem runs torchvision's own version-1 load hook, which swaps in
+    the 32/16-channel stem and records version 1 in the state_dict metadata (so torch reloads it)."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, **kw)
+    if legacy_stem:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchvision's "previous version" notice
+            model._load_from_state_dict({}, "", {"version": 1}, False, [], [], [])
+    return model
+
+
 for _name, _alpha in (("mnasnet0_5", 0.5), ("mnasnet0_75", 0.75), ("mnasnet1_0", 1.0), ("mnasnet1_3", 1.3)):
     register(
         _name,
@@ -111,5 +126,6 @@ for _name, _alpha in (("mnasnet0_5", 0.5), ("mnasnet0_75", 0.75), ("mnasnet1_0",
         head="classifier.1",
         kwargs=dict(alpha=_alpha),
         infer_kwargs=_infer_legacy_stem(_alpha),
+        torch_builder=_torch_mnasnet,
         min_size=1,
     )

@@ -33,6 +33,9 @@ class ModelSpec:
     derived_buffers: tuple[str, ...] = ()
     # torch state_dict (key -> shape) -> builder kwargs it implies, beyond num_classes (e.g. aux_logits)
     infer_kwargs: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]] | None = None
+    # (name, **jtkd kwargs) -> the torchvision nn.Module, where jtkd's kwargs are not torchvision's
+    # builder kwargs (MNASNet's legacy_stem); None: torchvision.models.get_model(name, weights=None, **kw)
+    torch_builder: Callable[..., Any] | None = None
     family: str = ""
     # testing: an input size the architecture accepts (odd where it can be), the logit tolerance
     # (1e-4 unless the family's docstring justifies more), and whether it is too big for every CI run
