@@ -113,6 +113,47 @@ def torch_logits(model: Any, x_nchw: np.ndarray) -> np.ndarray:
     return (out.logits if hasattr(out, "logits") else out).numpy()
 
 
+def torch_module_outputs(model: Any, x_nchw: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The outputs of the torch submodules at the dotted paths `names` for one eval forward pass."""
+    import torch
+
+    acts: dict[str, np.ndarray] = {}
+
+    def hook(name: str):
+        def fn(_m: Any, _inp: Any, out: Any) -> None:
+            acts[name] = out.detach().clone().numpy()  # clone: in-place ops follow some modules
+
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(x_nchw))
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def feature_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **kw: Any) -> dict[str, tuple[float, float]]:
+    """name -> (max abs diff, max abs torch value) of every named Flax feature against the output of the
+    torch module of that path (all but 'pooled', which is no module's output in every family)."""
+    module = models.create(name, **kw)
+    with jax.default_matmul_precision("highest"):
+        _, feats = jax.jit(lambda v, x: models.features(module, v, x))(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
+    names = [k for k in feats if k != "pooled"]
+    ref = torch_module_outputs(model, x_nchw, names)
+    out = {}
+    for k in names:
+        got, want = np.asarray(feats[k]), ref[k]
+        if got.ndim == 4 and got.shape != want.shape:  # NHWC here, NCHW in torch (Swin keeps NHWC)
+            got = got.transpose(0, 3, 1, 2)
+        if got.shape != want.shape:
+            raise AssertionError(f"{name}: feature {k!r} has shape {got.shape}, torch module output {want.shape}")
+        out[k] = (float(np.abs(got - want).max()), float(np.abs(want).max()))
+    return out
+
+
 def flax_logits(name: str, variables: dict, x_nchw: np.ndarray, **kw: Any) -> np.ndarray:
     module = models.create(name, **kw)
     with jax.default_matmul_precision("highest"):
@@ -209,6 +250,12 @@ def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) 
         "max_abs_logit": float(np.abs(ref).max()), "atol": spec.atol, "argmax_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
         "convert_s": seconds, "first_divergence": None,
     }
+    feats = feature_diffs(name, model, variables, x, num_classes=num_classes)
+    # relative to the activations' scale: unnormalised stage outputs reach 1e2-1e3
+    worst = max(feats, key=lambda k: feats[k][0] / max(1.0, feats[k][1]), default=None)
+    row["features"] = len(feats)
+    row["max_rel_feature_diff"] = feats[worst][0] / max(1.0, feats[worst][1]) if worst else 0.0
+    row["worst_feature"] = worst
     if diff > spec.atol:
         first = first_divergence(layer_diffs(name, model, variables, x, num_classes))
         row["first_divergence"] = first.layer if first else "(logits only)"

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from jtkd import losses, models
-from jtkd.models import layers
+from jtkd.models import collect_features, layers
 from jtkd.train import AXIS, Batch, LossFn, Metrics, TrainState
 
 Array = jax.Array
@@ -273,25 +273,6 @@ class MultiHeadStudent(nn.Module):
         return tuple(
             layers.Linear(c, name=f"head{k}")(z).astype(jnp.float32) for k, c in enumerate(self.head_classes)
         )
-
-
-def collect_features(tree: Mapping[str, Any]) -> dict[str, Array]:
-    """Flatten a 'features' collection ({scope: {... name: (value,)}}) to {name: value}.
-
-    Nested scopes are walked; a name sown twice at different depths is an error (ambiguous)."""
-    out: dict[str, Array] = {}
-
-    def walk(node: Mapping[str, Any]) -> None:
-        for k, v in node.items():
-            if isinstance(v, tuple):
-                if k in out:
-                    raise ValueError(f"feature {k!r} is sown by more than one module; features must have unique names")
-                out[k] = v[0]
-            else:
-                walk(v)
-
-    walk(tree)
-    return out
 
 
 def _require(feats: Mapping[str, Array], names: Sequence[str], who: str) -> None:

@@ -100,7 +100,7 @@ def _hand_objective(params, s_bs, t_mod, t_vars, student, batch, method):
     (s_logits, s_state) = student.apply(
         {"params": params["student"], "batch_stats": s_bs["student"]}, x, train=True, mutable=["batch_stats", "features"]
     )
-    s_feats = {k: v[0] for k, v in s_state["features"].items()}
+    s_feats = models.collect_features(s_state["features"])
     ce = optax.softmax_cross_entropy_with_integer_labels(s_logits, y).mean()
     if method == "kd":
         return 0.1 * ce + 0.9 * losses.kd_loss(s_logits, t_logits, 4.0)

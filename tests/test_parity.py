@@ -33,3 +33,7 @@ def test_eval_logits_match_torchvision(name):
     diff = row["max_abs_logit_diff"]
     assert diff <= spec.atol, f"{name}: max abs logit diff {diff:.3e} > {spec.atol} (max |logit| {row['max_abs_logit']:.3g})"
     assert row["argmax_equal"]
+    # every named intermediate output equals the torch module output of the same path
+    assert row["features"] >= 1
+    rel = row["max_rel_feature_diff"]
+    assert rel <= spec.atol, f"{name}: feature {row['worst_feature']!r} differs by {rel:.3e} relative to its scale"

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jtkd.models.layers import collect_features
 from jtkd.models.registry import ModelSpec, get_spec, registered
 
 _NOT_FAMILIES = {"layers", "registry"}
@@ -52,9 +53,16 @@ def init(name_or_module: str | nn.Module, rng: jax.Array, size: int | None = Non
 
 
 def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = False, **kw: Any) -> tuple[jax.Array, dict]:
-    """Logits and the named intermediate outputs ('layer1'..., 'pooled') of one forward pass."""
+    """Logits and the named intermediate outputs of one forward pass.
+
+    Names are the torchvision module paths whose outputs they are ('layer3', 'features.6',
+    'trunk_output.block2', 'Mixed_6e', 'encoder', ...), so torch hooks or
+    `torchvision.models.feature_extraction` give a torch teacher's matching tensors by the same name
+    (NHWC here, NCHW there); 'pooled' is the classifier's input. tests/test_parity.py checks each
+    against the torch module's output.
+    """
     out, state = model.apply(variables, x, train=train, mutable=["features"], **kw)
-    return out, {k: v[0] for k, v in state["features"].items()}
+    return out, collect_features(state["features"])
 
 
-__all__ = ["ModelSpec", "create", "features", "get_spec", "init", "list_models"]
+__all__ = ["ModelSpec", "collect_features", "create", "features", "get_spec", "init", "list_models"]

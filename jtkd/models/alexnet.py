@@ -27,7 +27,7 @@ class AlexNet(layers.TorchModel):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
-        x = conv_stack(self, x, _FEATURES, train, conv_init=torch_default_init)
+        x = self.feature("features", conv_stack(self, x, _FEATURES, train, conv_init=torch_default_init))
         x = layers.torch_flatten(layers.adaptive_avg_pool(x, 6))
         for i in (1, 4):  # Dropout, Linear, ReLU
             x = layers.dropout(self, x, self.dropout, train)

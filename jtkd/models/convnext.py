@@ -48,7 +48,7 @@ class ConvNeXt(layers.TorchModel):
         x = x.astype(self.dtype)
         ln = lambda name: layers.LayerNorm(1e-6, self.dtype, name=name)  # noqa: E731
         x = self.conv(self.block_setting[0][0], 4, 4, 0, kernel_init=_trunc02, name="features_0_0")(x)
-        x = self.feature("features_0", ln("features_0_1")(x))
+        x = self.feature("features.0", ln("features_0_1")(x))
         total = sum(n for _, _, n in self.block_setting)
         block_id, idx = 0, 1
         for cin, cout, n in self.block_setting:
@@ -59,7 +59,7 @@ class ConvNeXt(layers.TorchModel):
                     axis_name=self.axis_name, name=f"features_{idx}_{j}",
                 )(x, train)
                 block_id += 1
-            x = self.feature(f"features_{idx}", x)
+            x = self.feature(f"features.{idx}", x)
             idx += 1
             if cout is not None:
                 x = ln(f"features_{idx}_0")(x)

@@ -134,7 +134,7 @@ class EfficientNet(layers.TorchModel):
         norm = {"epsilon": self.norm_eps, "momentum": self.norm_momentum, "train": train}
         setting = [StageConf(*c) for c in self.inverted_residual_setting]
         x = conv_norm_act(self, x, "features_0", setting[0].input_channels, 3, 2, activation=layers.silu, **norm)
-        self.feature("features_0", x)
+        self.feature("features.0", x)
         total_blocks = sum(c.num_layers for c in setting)
         block_id = 0
         for s, cnf in enumerate(setting, start=1):
@@ -149,11 +149,11 @@ class EfficientNet(layers.TorchModel):
                     dtype=self.dtype, axis_name=self.axis_name, name=f"features_{s}_{j}",
                 )(x, train)
                 block_id += 1
-            self.feature(f"features_{s}", x)
+            self.feature(f"features.{s}", x)
         last = len(setting) + 1
         width = self.last_channel if self.last_channel is not None else 4 * setting[-1].out_channels
         x = conv_norm_act(self, x, f"features_{last}", width, 1, activation=layers.silu, **norm)
-        self.feature(f"features_{last}", x)
+        self.feature(f"features.{last}", x)
         x = self.feature("pooled", layers.adaptive_avg_pool(x, 1).reshape(x.shape[0], -1))
         if self.num_classes:
             x = layers.dropout(self, x, self.dropout, train)

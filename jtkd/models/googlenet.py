@@ -115,18 +115,18 @@ class GoogLeNet(layers.TorchModel):
         x = layers.max_pool(x, 3, 2, ceil_mode=True)
         x = BasicConv2d(features=64, kernel_size=1, name="conv2", **kw)(x, train)
         x = BasicConv2d(features=192, kernel_size=3, padding=1, name="conv3", **kw)(x, train)
-        x = self.feature("stem", layers.max_pool(x, 3, 2, ceil_mode=True))
+        x = self.feature("maxpool2", layers.max_pool(x, 3, 2, ceil_mode=True))
 
         block = lambda name, y: Inception(**dict(zip(_BLOCK_FIELDS, _BLOCKS[name])), name=name, **kw)(y, train)  # noqa: E731
-        x = self.feature("inception3", block("inception3b", block("inception3a", x)))
+        x = self.feature("inception3b", block("inception3b", block("inception3a", x)))
         x = layers.max_pool(x, 3, 2, ceil_mode=True)
         x = block("inception4a", x)
         aux1 = self._aux("aux1", x, train)
         x = block("inception4d", block("inception4c", block("inception4b", x)))
         aux2 = self._aux("aux2", x, train)
-        x = self.feature("inception4", block("inception4e", x))
+        x = self.feature("inception4e", block("inception4e", x))
         x = layers.max_pool(x, 2, 2, ceil_mode=True)
-        x = self.feature("inception5", block("inception5b", block("inception5a", x)))
+        x = self.feature("inception5b", block("inception5b", block("inception5a", x)))
 
         x = self.feature("pooled", layers.adaptive_avg_pool(x, 1).reshape(x.shape[0], -1))
         if not self.num_classes:

@@ -146,14 +146,14 @@ class Inception3(layers.TorchModel):
         x = layers.max_pool(x, 3, 2)
         x = c("Conv2d_3b_1x1", 80, 1)(x, train)
         x = c("Conv2d_4a_3x3", 192, 3)(x, train)
-        x = self.feature("stem", layers.max_pool(x, 3, 2))
+        x = self.feature("maxpool2", layers.max_pool(x, 3, 2))
         for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
             x = InceptionA(pool_features=pool_features, name=name, **kw)(x, train)
-        x = self.feature("mixed5", x)
+        x = self.feature("Mixed_5d", x)
         x = InceptionB(name="Mixed_6a", **kw)(x, train)
         for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
             x = InceptionC(channels_7x7=c7, name=name, **kw)(x, train)
-        x = self.feature("mixed6", x)
+        x = self.feature("Mixed_6e", x)
         aux = None
         if self.aux_logits and self.num_classes and (train or self.is_initializing()):
             head = InceptionAux(num_classes=self.num_classes, name="AuxLogits", **kw)
@@ -164,7 +164,7 @@ class Inception3(layers.TorchModel):
             aux = aux if train else None
         x = InceptionD(name="Mixed_7a", **kw)(x, train)
         x = InceptionE(name="Mixed_7b", **kw)(x, train)
-        x = self.feature("mixed7", InceptionE(name="Mixed_7c", **kw)(x, train))
+        x = self.feature("Mixed_7c", InceptionE(name="Mixed_7c", **kw)(x, train))
         x = self.feature("pooled", layers.adaptive_avg_pool(x, 1).reshape(x.shape[0], -1))
         if not self.num_classes:
             return self.logits(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -284,6 +284,30 @@ hardsigmoid = lambda x: jnp.clip(x / 6.0 + 0.5, 0.0, 1.0)  # noqa: E731  torch: 
 silu = jax.nn.silu
 
 
+FEATURE_PREFIX = "feature:"
+
+
+def collect_features(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Flatten a 'features' collection ({scope: {... name: (value,)}}) to {name: value}.
+
+    Nested scopes are walked (e.g. a backbone inside a multi-head model) and `TorchModel.feature`'s
+    key prefix is dropped; a name sown twice is an error (ambiguous)."""
+    out: dict[str, jax.Array] = {}
+
+    def walk(node: Mapping[str, Any]) -> None:
+        for k, v in node.items():
+            if isinstance(v, tuple):
+                k = k.removeprefix(FEATURE_PREFIX)
+                if k in out:
+                    raise ValueError(f"feature {k!r} is sown by more than one module; features must have unique names")
+                out[k] = v[0]
+            else:
+                walk(v)
+
+    walk(tree)
+    return out
+
+
 class TorchModel(nn.Module):
     """Base of every jtkd classifier.
 
@@ -308,7 +332,8 @@ class TorchModel(nn.Module):
         return Linear(*args, dtype=self.dtype, **kw)
 
     def feature(self, name: str, x: jax.Array) -> jax.Array:
-        self.sow("features", name, x)
+        # prefixed: the torch path a feature is named after is often also a submodule's (Flax) name
+        self.sow("features", FEATURE_PREFIX + name, x)
         return x
 
     def logits(self, x: jax.Array) -> jax.Array:

@@ -250,7 +250,7 @@ class MaxVit(layers.TorchModel):
                 mlp_ratio=self.mlp_ratio, mlp_dropout=self.mlp_dropout, attention_dropout=self.attention_dropout,
                 partition_size=self.partition_size, dtype=self.dtype, axis_name=self.axis_name, name=f"blocks_{i}",
             )(x, train)
-            x = self.feature(f"block{i}", x)
+            x = self.feature(f"blocks.{i}", x)
             idx += n_layers
         x = layers.adaptive_avg_pool(x, 1).reshape(x.shape[0], -1)
         x = layers.LayerNorm(1e-5, self.dtype, name="classifier_2")(x)

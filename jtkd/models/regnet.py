@@ -182,7 +182,7 @@ class RegNet(layers.TorchModel):
             dtype=self.dtype, axis_name=self.axis_name, name="trunk_output",
         ).stage_outputs(x, train)
         for i, out in enumerate(outs, start=1):
-            self.feature(f"block{i}", out)
+            self.feature(f"trunk_output.block{i}", out)
         x = outs[-1]
         x = self.feature("pooled", layers.adaptive_avg_pool(x, 1).reshape(x.shape[0], -1))
         if self.num_classes:

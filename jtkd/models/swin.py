@@ -205,7 +205,7 @@ class SwinTransformer(layers.TorchModel):
         x = x.astype(self.dtype)
         p = tuple(self.patch_size)
         x = self.conv(self.embed_dim, p, p, 0, kernel_init=_trunc02, name="features_0_0")(x)
-        x = self.feature("features_0", layers.LayerNorm(1e-5, self.dtype, name="features_0_2")(x))
+        x = self.feature("features.0", layers.LayerNorm(1e-5, self.dtype, name="features_0_2")(x))
         total, block_id = sum(self.depths), 0
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             for j in range(depth):
@@ -217,7 +217,7 @@ class SwinTransformer(layers.TorchModel):
                     dtype=self.dtype, name=f"features_{2 * i + 1}_{j}",
                 )(x, train)
                 block_id += 1
-            x = self.feature(f"features_{2 * i + 1}", x)
+            x = self.feature(f"features.{2 * i + 1}", x)
             if i < len(self.depths) - 1:
                 x = PatchMerging(v2=self.v2, dtype=self.dtype, name=f"features_{2 * i + 2}")(x)
         x = layers.LayerNorm(1e-5, self.dtype, name="norm")(x)

@@ -74,7 +74,7 @@ class VGG(layers.TorchModel):
         conv_init = layers.kaiming_fan_out if self.init_weights else torch_default_init
         lin_init = nn.initializers.normal(0.01) if self.init_weights else torch_default_init
         cfg = [("pool", 2, 2) if v == "M" else ("conv", v, 3, 1, 1) for v in _CFGS[self.cfg]]
-        x = conv_stack(self, x, cfg, train, batch_norm=self.batch_norm, conv_init=conv_init)
+        x = self.feature("features", conv_stack(self, x, cfg, train, batch_norm=self.batch_norm, conv_init=conv_init))
         x = layers.torch_flatten(layers.adaptive_avg_pool(x, 7))
         x = nn.relu(self.linear(4096, kernel_init=lin_init, name="classifier_0")(x))
         x = layers.dropout(self, x, self.dropout, train)

@@ -154,7 +154,7 @@ class VisionTransformer(layers.TorchModel):
             self.hidden_dim, p, p, 0, kernel_init=nn.initializers.truncated_normal(math.sqrt(1.0 / fan_in)),
             name="conv_proj",
         )(x)
-        x = self.feature("patch_embed", x)
+        x = self.feature("conv_proj", x)
         x = x.reshape(n, -1, self.hidden_dim)  # row-major (h, w) tokens, as torch's reshape of NCHW
         cls = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden_dim), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (n, 1, self.hidden_dim)), x], axis=1)
@@ -163,7 +163,7 @@ class VisionTransformer(layers.TorchModel):
             mlp_dim=self.mlp_dim, dropout=self.dropout, attention_dropout=self.attention_dropout, dtype=self.dtype,
             name="encoder",
         )(x, train)
-        x = self.feature("encoder_out", x)[:, 0]
+        x = self.feature("encoder", x)[:, 0]
         if not self.num_classes and self.representation_size is None:
             return self.logits(self.feature("pooled", x))
         pooled, out = Heads(
