@@ -113,19 +113,22 @@ def torch_logits(model: Any, x_nchw: np.ndarray) -> np.ndarray:
     return (out.logits if hasattr(out, "logits") else out).numpy()
 
 
-def torch_module_outputs(model: Any, x_nchw: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The outputs of the torch submodules at the dotted paths `names` for one eval forward pass."""
+def torch_module_outputs(model: Any, x_nchw: np.ndarray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Outputs of the torch submodules at dotted paths `names` (all that return a tensor if None),
+    for one eval forward pass, in execution order (a module's first call)."""
     import torch
 
     acts: dict[str, np.ndarray] = {}
 
     def hook(name: str):
         def fn(_m: Any, _inp: Any, out: Any) -> None:
-            acts[name] = out.detach().clone().numpy()  # clone: in-place ops follow some modules
+            if isinstance(out, torch.Tensor) and name not in acts:
+                acts[name] = out.detach().clone().numpy()  # clone: in-place ops follow some modules
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    mods = [(n, model.get_submodule(n)) for n in names] if names is not None else [(n, m) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods]
     try:
         with torch.no_grad():
             model(torch.from_numpy(x_nchw))
@@ -172,26 +175,7 @@ class LayerDiff:
 def layer_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, num_classes: int) -> list[LayerDiff]:
     """Per-module max abs difference between torch activations (forward hooks) and Flax ones
     (`capture_intermediates`), matched by the mechanical key map, in torch execution order."""
-    import torch
-
-    acts: dict[str, np.ndarray] = {}
-    order: list[str] = []
-
-    def hook(mod_name: str):
-        def fn(_m: Any, _inp: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and mod_name not in acts:
-                acts[mod_name] = out.detach().clone().numpy()  # clone: inplace ReLUs follow
-                order.append(mod_name)
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(torch.from_numpy(x_nchw))
-    finally:
-        for h in handles:
-            h.remove()
+    acts = torch_module_outputs(model, x_nchw)
     module = models.create(name, num_classes=num_classes)
     with jax.default_matmul_precision("highest"):
         _, state = module.apply(
@@ -209,7 +193,7 @@ def layer_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, num_
 
     walk(state["intermediates"], ())
     out: list[LayerDiff] = []
-    for mod_name in order:
+    for mod_name in acts:
         path = flax_path(mod_name + ".x")[:-1]
         if path not in flat:
             continue
