@@ -252,7 +252,7 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str, missing: Sequence[
     import torch
     import torchvision
 
-    ok = sum(r["max_abs_logit_diff"] <= r["atol"] and r["argmax_equal"] for r in rows)
+    ok = sum(r["max_abs_logit_diff"] <= r["atol"] and r["argmax_equal"] and r.get("max_rel_feature_diff", 0.0) <= r["atol"] for r in rows)
     lines = [
         "# PARITY: jtkd vs torchvision",
         "",
@@ -265,14 +265,19 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str, missing: Sequence[
         f"{ok}/{len(rows)} within tolerance. jax {jax.__version__}, torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, {platform.machine()} CPU.",
         "",
-        "| model | family | params (M) | input NxHxW | max abs logit diff | max abs logit | tolerance | argmax equal | convert (s) | first diverging layer |",
-        "|---|---|---:|---|---:|---:|---:|:---:|---:|---|",
+        "Named features: every intermediate output `jtkd.models.features` returns (torchvision module",
+        "paths) against the output of the torch module of that path; the worst difference relative to",
+        "max(1, max |activation|), with the same tolerance.",
+        "",
+        "| model | family | params (M) | input NxHxW | max abs logit diff | max abs logit | tolerance | argmax equal | named features | worst feature rel. diff | convert (s) | first diverging layer |",
+        "|---|---|---:|---|---:|---:|---:|:---:|---:|---|---:|---|",
     ]
     for r in rows:
+        feat = f"{r['max_rel_feature_diff']:.1e} ({r['worst_feature']})" if r.get("worst_feature") else "-"
         lines.append(
             f"| {r['model']} | {r['family']} | {r['params_m']:.1f} | {r['input']} | {r['max_abs_logit_diff']:.2e} | "
-            f"{r['max_abs_logit']:.3g} | {r['atol']:.0e} | {'yes' if r['argmax_equal'] else 'NO'} | {r['convert_s']:.2f} | "
-            f"{r['first_divergence'] or '-'} |"
+            f"{r['max_abs_logit']:.3g} | {r['atol']:.0e} | {'yes' if r['argmax_equal'] else 'NO'} | {r.get('features', '-')} | "
+            f"{feat} | {r['convert_s']:.2f} | {r['first_divergence'] or '-'} |"
         )
     if missing:
         lines += ["", f"Not measured in this generation ({len(missing)}): {', '.join(missing)} "
