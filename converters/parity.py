@@ -281,7 +281,7 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str, missing: Sequence[
         )
     if missing:
         lines += ["", f"Not measured in this generation ({len(missing)}): {', '.join(missing)} "
-                  "(marked slow; `python -m pytest -m slow tests/test_parity.py` or `--all` runs them)."]
+                  "(`JTKD_PARITY_JSONL=rows.jsonl python -m pytest tests/test_parity.py` or `--all` runs them)."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -20,7 +20,9 @@ NUM_CLASSES = 13
 
 
 def _params(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if get_spec(n).slow else n for n in names]
+    # the >300M-parameter models run one at a time in one xdist worker (--dist loadgroup): ~8 GB each
+    big = (pytest.mark.slow, pytest.mark.xdist_group("large_models"))
+    return [pytest.param(n, marks=big) if get_spec(n).slow else n for n in names]
 
 
 @pytest.mark.parametrize("name", _params(list_models()))

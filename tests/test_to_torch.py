@@ -14,7 +14,9 @@ from jtkd.models import get_spec, list_models
 
 
 def _params(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if get_spec(n).slow else n for n in names]
+    # the >300M-parameter models run one at a time in one xdist worker (--dist loadgroup): ~8 GB each
+    big = (pytest.mark.slow, pytest.mark.xdist_group("large_models"))
+    return [pytest.param(n, marks=big) if get_spec(n).slow else n for n in names]
 
 
 @pytest.mark.parametrize("name", _params(list_models()))

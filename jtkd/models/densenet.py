@@ -8,6 +8,8 @@ load (`densenet._load_state_dict`) and so do this family's key_fixups.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -66,8 +68,8 @@ class _Transition(layers.TorchModel):
         return layers.avg_pool(x, 2, 2)
 
 
-class _DenseFeatures(layers.TorchModel):
-    """torch's `features` Sequential; returns the final map and the dense blocks' outputs."""
+class _DenseConfig(layers.TorchModel):
+    """DenseNet's architecture arguments, shared by the model and its `features` Sequential."""
 
     growth_rate: int = 32
     block_config: Sequence[int] = (6, 12, 24, 16)
@@ -75,6 +77,10 @@ class _DenseFeatures(layers.TorchModel):
     bn_size: int = 4
     drop_rate: float = 0.0
     memory_efficient: bool = False
+
+
+class _DenseFeatures(_DenseConfig):
+    """torch's `features` Sequential; returns the final map and the dense blocks' outputs."""
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -93,22 +99,14 @@ class _DenseFeatures(layers.TorchModel):
         return self.norm(name="norm5")(x, train), stages
 
 
-class DenseNet(layers.TorchModel):
-    growth_rate: int = 32
-    block_config: Sequence[int] = (6, 12, 24, 16)
-    num_init_features: int = 64
-    bn_size: int = 4
-    drop_rate: float = 0.0
-    memory_efficient: bool = False
+class DenseNet(_DenseConfig):
+    """DenseNet-BC; the dense blocks' outputs are the named features `features.denseblock1`..."""
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
-        x, stages = _DenseFeatures(
-            growth_rate=self.growth_rate, block_config=tuple(self.block_config),
-            num_init_features=self.num_init_features, bn_size=self.bn_size, drop_rate=self.drop_rate,
-            memory_efficient=self.memory_efficient, dtype=self.dtype, axis_name=self.axis_name, name="features",
-        )(x, train)
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(_DenseConfig) if f.name not in ("parent", "name")}
+        x, stages = _DenseFeatures(**{**config, "num_classes": 0}, name="features")(x, train)
         for k, v in stages.items():
             self.feature(k, v)
         x = self.feature("pooled", layers.adaptive_avg_pool(nn.relu(x), 1).reshape(x.shape[0], -1))

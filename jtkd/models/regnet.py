@@ -68,8 +68,8 @@ def block_params(
     )
 
 
-class BottleneckTransform(layers.TorchModel):
-    """`f`: 1x1 `a`, grouped 3x3 `b`, optional SE `se`, 1x1 `c` (no activation)."""
+class _BlockFields(layers.TorchModel):
+    """The arguments torchvision's BottleneckTransform and ResBottleneckBlock share."""
 
     width_in: int = 32
     width_out: int = 32
@@ -77,6 +77,10 @@ class BottleneckTransform(layers.TorchModel):
     group_width: int = 1
     bottleneck_multiplier: float = 1.0
     se_ratio: float | None = None
+
+
+class BottleneckTransform(_BlockFields):
+    """`f`: 1x1 `a`, grouped 3x3 `b`, optional SE `se`, 1x1 `c` (no activation)."""
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -89,15 +93,8 @@ class BottleneckTransform(layers.TorchModel):
         return conv_norm_act(self, x, "c", self.width_out, 1, train=train)
 
 
-class ResBottleneckBlock(layers.TorchModel):
+class ResBottleneckBlock(_BlockFields):
     """x + f(x), with a 1x1 projection `proj` of x when the shape changes, then ReLU."""
-
-    width_in: int = 32
-    width_out: int = 32
-    stride: int = 1
-    group_width: int = 1
-    bottleneck_multiplier: float = 1.0
-    se_ratio: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
