@@ -138,6 +138,15 @@ def torch_module_outputs(model: Any, x_nchw: np.ndarray, names: Sequence[str] | 
     return acts
 
 
+def feature_rtol(logit_atol: float) -> float:
+    """Tolerance of a named feature's max abs diff relative to max(1, its max |activation|).
+
+    Looser than the logits': rounding accumulates along deep stacks and the pooled classifier averages
+    it out (resnet50/101/152 layer4: 2.8e-5/8e-5/2.6e-4, their logits 8e-6/4e-5/6e-5); a wrong
+    operation gives O(1)."""
+    return max(1e-3, logit_atol)
+
+
 def feature_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **kw: Any) -> dict[str, tuple[float, float]]:
     """name -> (max abs diff, max abs torch value) of every named Flax feature against the output of the
     torch module of that path (all but 'pooled', which is no module's output in every family)."""
@@ -252,7 +261,8 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str, missing: Sequence[
     import torch
     import torchvision
 
-    ok = sum(r["max_abs_logit_diff"] <= r["atol"] and r["argmax_equal"] and r.get("max_rel_feature_diff", 0.0) <= r["atol"] for r in rows)
+    ok = sum(r["max_abs_logit_diff"] <= r["atol"] and r["argmax_equal"]
+             and r.get("max_rel_feature_diff", 0.0) <= feature_rtol(r["atol"]) for r in rows)
     lines = [
         "# PARITY: jtkd vs torchvision",
         "",
@@ -267,7 +277,7 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str, missing: Sequence[
         "",
         "Named features: every intermediate output `jtkd.models.features` returns (torchvision module",
         "paths) against the output of the torch module of that path; the worst difference relative to",
-        "max(1, max |activation|), with the same tolerance.",
+        "max(1, max |activation|), tolerance `feature_rtol` (1e-3: rounding accumulates along deep stacks).",
         "",
         "| model | family | params (M) | input NxHxW | max abs logit diff | max abs logit | tolerance | argmax equal | named features | worst feature rel. diff | convert (s) | first diverging layer |",
         "|---|---|---:|---|---:|---:|---:|:---:|---:|---|---:|---|",

@@ -37,5 +37,5 @@ def test_eval_logits_match_torchvision(name):
     assert row["argmax_equal"]
     # every named intermediate output equals the torch module output of the same path
     assert row["features"] >= 1
-    rel = row["max_rel_feature_diff"]
-    assert rel <= spec.atol, f"{name}: feature {row['worst_feature']!r} differs by {rel:.3e} relative to its scale"
+    rel, tol = row["max_rel_feature_diff"], parity.feature_rtol(spec.atol)
+    assert rel <= tol, f"{name}: feature {row['worst_feature']!r} differs by {rel:.3e} relative to its scale (> {tol})"
