@@ -1,6 +1,6 @@
 """Why is the jtkd step slower than PyTorch on this CPU? Evidence, not guesses.
 
-    python -m bench.investigate [--what profile,conv,flags] [--model resnet18 --size 64 --batch 16]
+    python -m bench.investigate [--what profile,conv,routes,flags] [--model resnet18 --size 64 --batch 16]
 
 - profile: runs the compiled jtkd train step under the JAX profiler and splits the XLA worker
   threads' time by kind of HLO instruction (YNNPACK library fusions, XLA loop fusions, convolutions
@@ -8,6 +8,8 @@
 - conv: one 3x3 convolution, C -> C channels, forward + both gradients, jax.jit vs torch, over
   feature-map sides; reports CPU seconds (all threads) and whether XLA swapped the operands (the
   optimised HLO holds a convolution with dim_labels `01fb_o01i->f01b`).
+- routes: the convolution shapes `jtkd.models.layers.conv` computes as matmuls (and two it leaves
+  to XLA), forward + both gradients: XLA's convolution vs jtkd's route vs torch.
 - flags: the same train step under several XLA_FLAGS, one subprocess each (flags are read once).
 CPU time is the metric (time.process_time over all threads): on a shared machine wall time
 mostly measures the other tenants. torch runs with OMP_WAIT_POLICY=PASSIVE so spinning does
@@ -185,6 +187,68 @@ def conv_micro(sides: tuple[int, ...], channels: int, batch: int, repeats: int =
     return rows
 
 
+# (name, batch, side, c_in, c_out, kernel, stride, groups): the shapes `layers.conv` routes, and its limits
+ROUTE_CASES = (
+    ("3x3 on a 2x2 map (resnet layer4 at 64 px)", 16, 2, 256, 256, 3, 1, 1),
+    ("3x3 stride 2 on 4x4", 16, 4, 128, 256, 3, 2, 1),
+    ("3x3 on 7x7 (resnet layer4 at 224 px)", 8, 7, 512, 512, 3, 1, 1),
+    ("3x3 on 14x14 (left to XLA)", 8, 14, 256, 256, 3, 1, 1),
+    ("3x3 on 56x56 (left to XLA)", 8, 56, 64, 64, 3, 1, 1),
+    ("1x1 on 56x56 (resnet50 layer1)", 8, 56, 64, 256, 1, 1, 1),
+    ("1x1 on 7x7 (resnet50 layer4)", 8, 7, 512, 2048, 1, 1, 1),
+    ("depthwise 5x5 on 7x7 (mobilenet_v3)", 8, 7, 960, 960, 5, 1, 960),
+    ("depthwise 3x3 stride 2 on 112x112", 8, 112, 64, 64, 3, 2, 64),
+    ("grouped 3x3, 32 groups, 56x56 (resnext50 layer1)", 8, 56, 128, 128, 3, 1, 32),
+    ("grouped 3x3, 32 groups, 7x7 (resnext50 layer4)", 8, 7, 1024, 1024, 3, 1, 32),
+)
+
+
+def conv_routes(cases: tuple = ROUTE_CASES, repeats: int = 3) -> list[dict[str, Any]]:
+    """Forward + both gradients of one convolution: XLA's lax.conv vs jtkd's `layers.conv` (which
+    computes some shapes as matmuls, see its docstring) vs torch eager, in CPU seconds."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from jtkd.models import layers
+
+    rows = []
+    for name, batch, side, cin, cout, k, stride, groups in cases:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, side, side, cin), dtype=np.float32)
+        w = rng.standard_normal((k, k, cin // groups, cout), dtype=np.float32) * 0.02
+        pad = k // 2
+        row: dict[str, Any] = {"case": name, "batch": batch, "side": side, "c_in": cin, "c_out": cout, "kernel": k,
+                               "stride": stride, "groups": groups}
+        for label, conv in (("xla", jax.lax.conv_general_dilated), ("jtkd", layers.conv)):
+            def loss(x, w, conv=conv):
+                y = conv(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                         feature_group_count=groups)
+                return jnp.sum(y * y)
+
+            g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            xj, wj = jnp.asarray(x), jnp.asarray(w)
+            row[f"{label}_cpu_s"] = _cpu_time(lambda g=g, xj=xj, wj=wj: jax.block_until_ready(g(xj, wj)), repeats)
+            if label == "jtkd":
+                row["routed"] = "conv_general_dilated" not in str(jax.make_jaxpr(loss)(xj, wj))
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+        wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+
+        def torch_step(xt: Any = xt, wt: Any = wt) -> None:
+            xt.grad = wt.grad = None
+            (F.conv2d(xt, wt, stride=stride, padding=pad, groups=groups) ** 2).sum().backward()
+
+        row["torch_cpu_s"] = _cpu_time(torch_step, repeats)
+        row["xla_over_jtkd"] = row["xla_cpu_s"] / row["jtkd_cpu_s"]
+        row["jtkd_over_torch"] = row["jtkd_cpu_s"] / row["torch_cpu_s"]
+        rows.append(row)
+        print(f"{name}: XLA {row['xla_cpu_s'] * 1e3:.1f} ms, jtkd {row['jtkd_cpu_s'] * 1e3:.1f} ms "
+              f"({'routed' if row['routed'] else 'XLA'}), torch {row['torch_cpu_s'] * 1e3:.1f} ms", flush=True)
+    return rows
+
+
 def flag_sweep(model: str, size: int, batch: int, flags: tuple[str, ...] = FLAGS) -> list[dict[str, Any]]:
     out = []
     for f in flags:
@@ -227,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("conv", {})[f"c{a.channels}_b{a.batch}"] = rows
         for r in rows:
             print(r)
+    if "routes" in what:
+        res["routes"] = conv_routes(repeats=5)
     if "flags" in what:
         res.setdefault("flags", {}).update({f"{a.model}@{s}x{a.batch}": flag_sweep(a.model, s, a.batch) for s in a.size})
     res["load_average_end"] = os.getloadavg()

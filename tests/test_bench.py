@@ -146,3 +146,12 @@ def test_omp_wait_policy_follows_load(monkeypatch):
     monkeypatch.setattr(common, "load_average", lambda: (0.0, 0.0, 0.0))
     assert common.omp_wait_policy("auto") == "default"
     assert common.omp_wait_policy("active") == "ACTIVE"
+
+
+def test_conv_routes_times_xla_jtkd_and_torch():
+    from bench import investigate
+
+    cases = (("depthwise", 2, 5, 8, 8, 3, 1, 8), ("3x3 on 9x9", 2, 9, 4, 4, 3, 1, 1))
+    rows = investigate.conv_routes(cases, repeats=1)
+    assert [r["routed"] for r in rows] == [True, False]  # 81 output pixels > the small-map limit
+    assert all(r["xla_cpu_s"] > 0 and r["jtkd_cpu_s"] > 0 and r["torch_cpu_s"] > 0 for r in rows)
