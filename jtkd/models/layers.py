@@ -62,7 +62,7 @@ def conv(
     """`lax.conv_general_dilated` for NHWC/HWIO, routing the shapes XLA:CPU handles badly to matmuls.
 
     On CPU (see bench/FINDINGS.md) XLA runs depthwise convolutions' weight gradients as dense C x C
-    convolutions, runs grouped convolutions 7-40x slower than a batched matmul, swaps the operands of 3x3 convolutions on maps smaller than the kernel into a
+    convolutions, runs grouped convolutions 30-100x slower than a batched matmul, swaps the operands of 3x3 convolutions on maps smaller than the kernel into a
     generic loop, and is slower than a plain dot for 1x1 convolutions. Those cases are computed here
     as sums/matmuls over the kh*kw shifted input windows, which is the same sum in another order
     (differences at float rounding level) and 2-40x faster there, forward and backward. Everything
@@ -83,11 +83,15 @@ def conv(
         cols, _, _ = _shifted_slices(lhs, (kh, kw_), window_strides, padding, dilation)
         return sum(col * rhs[i // kw_, i % kw_, 0] for i, col in enumerate(cols))
     g = feature_group_count
+    if g > 1:  # grouped (ResNeXt, RegNet): one batched matmul, groups leading so only x and y are transposed
+        n, h, w, _ = lhs.shape
+        xg = lhs.reshape(n, h, w, g, cin).transpose(3, 0, 1, 2, 4).reshape(g * n, h, w, cin)
+        cols, ho, wo = _shifted_slices(xg, (kh, kw_), window_strides, padding, dilation)
+        patches = jnp.concatenate(cols, axis=-1).reshape(g, n * ho * wo, kh * kw_ * cin)
+        wg = rhs.reshape(kh * kw_ * cin, g, cout // g).transpose(1, 0, 2)
+        out = jnp.einsum("gpk,gko->gpo", patches, wg, precision=precision)
+        return out.reshape(g, n, ho, wo, cout // g).transpose(1, 2, 3, 0, 4).reshape(n, ho, wo, cout)
     cols, ho, wo = _shifted_slices(lhs, (kh, kw_), window_strides, padding, dilation)
-    if g > 1:  # grouped (ResNeXt, RegNet): one batched matmul over the groups
-        patches = jnp.stack(cols, axis=-2).reshape(*cols[0].shape[:3], kh * kw_, g, cin)
-        out = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, rhs.reshape(kh * kw_, cin, g, cout // g), precision=precision)
-        return out.reshape(*out.shape[:3], cout)
     if kh * kw_ > 1 and ho * wo > _SMALL_MAP:
         return xla()
     patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
