@@ -86,6 +86,7 @@ class EncoderLayers(layers.TorchModel):
                 num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                 attention_dropout=self.attention_dropout, dtype=self.dtype, name=f"encoder_layer_{i}",
             )(x, train)
+            self.feature(f"encoder.layers.encoder_layer_{i}", x)  # the token sequence after each block
         return x
 
 
