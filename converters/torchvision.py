@@ -116,25 +116,20 @@ def _map_key(torch_key: str, template: Mapping[tuple[str, ...], Any]) -> _Leaf |
     return None
 
 
+# kernel axis orders: OIHW -> HWIO (conv), OIW -> WIO (Conv1d), (out, in) -> (in, out) (Linear)
+_TORCH_TO_FLAX = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}
+_FLAX_TO_TORCH = {n: tuple(int(i) for i in np.argsort(p)) for n, p in _TORCH_TO_FLAX.items()}
+
+
 def _torch_to_flax_array(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "kernel":
-        if arr.ndim == 4:  # OIHW -> HWIO
-            return np.ascontiguousarray(arr.transpose(2, 3, 1, 0))
-        if arr.ndim == 3:  # OIW -> WIO (Conv1d)
-            return np.ascontiguousarray(arr.transpose(2, 1, 0))
-        if arr.ndim == 2:  # (out, in) -> (in, out)
-            return np.ascontiguousarray(arr.T)
+    if kind == "kernel" and arr.ndim in _TORCH_TO_FLAX:
+        return np.ascontiguousarray(arr.transpose(_TORCH_TO_FLAX[arr.ndim]))
     return arr
 
 
 def _flax_to_torch_array(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "kernel":
-        if arr.ndim == 4:
-            return np.ascontiguousarray(arr.transpose(3, 2, 0, 1))
-        if arr.ndim == 3:
-            return np.ascontiguousarray(arr.transpose(2, 1, 0))
-        if arr.ndim == 2:
-            return np.ascontiguousarray(arr.T)
+    if kind == "kernel" and arr.ndim in _FLAX_TO_TORCH:
+        return np.ascontiguousarray(arr.transpose(_FLAX_TO_TORCH[arr.ndim]))
     return arr
 
 
@@ -343,8 +338,8 @@ def _torch_shapes(flat: Mapping[tuple[str, ...], Any]) -> dict[str, tuple[int, .
                 head, idx = f"{head}_{idx[0]}", idx[1:]
             parts += [head, *idx]
         shape = tuple(np.shape(v))
-        if leaf == "kernel":
-            shape = _flax_to_torch_array(np.empty(shape, np.bool_), "kernel").shape
+        if leaf == "kernel" and len(shape) in _FLAX_TO_TORCH:
+            shape = tuple(shape[i] for i in _FLAX_TO_TORCH[len(shape)])
         out[".".join(parts + [_TORCH_LEAVES.get(leaf, leaf)])] = shape
     return out
 

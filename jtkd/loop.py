@@ -152,6 +152,23 @@ class LoopConfig:
 
 
 # ----------------------------------------------------------------------------------------- data
+def _columns(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """The arrays as numpy and their common length; they must be non-empty and of equal length."""
+    sizes = {k: len(v) for k, v in arrays.items()}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise ValueError(f"arrays must be non-empty and of equal length, got {sizes}")
+    return {k: np.asarray(v) for k, v in arrays.items()}, next(iter(sizes.values()))
+
+
+def _processes(batch_size: int, index: int | None, count: int | None, what: str) -> tuple[int, int]:
+    """(process index, process count), defaulting to JAX's; the batch must split evenly over them."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    if batch_size % count:
+        raise ValueError(f"{what} batch_size {batch_size} must divide by the {count} processes")
+    return index, count
+
+
 def _fold_seed(seed: int, *ints: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, *ints]))
 
@@ -177,18 +194,11 @@ class ArraySource:
         process_index: int | None = None,
         process_count: int | None = None,
     ) -> None:
-        sizes = {k: len(v) for k, v in arrays.items()}
-        if not sizes or len(set(sizes.values())) != 1:
-            raise ValueError(f"arrays must be non-empty and of equal length, got {sizes}")
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.n = next(iter(sizes.values()))
+        self.arrays, self.n = _columns(arrays)
         if self.n == 0:
             raise ValueError("empty dataset")
         self.batch_size, self.seed, self.shuffle, self.augment = batch_size, seed, shuffle, augment
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
-        if batch_size % self.process_count:
-            raise ValueError(f"global batch_size {batch_size} must divide by the {self.process_count} processes")
+        self.process_index, self.process_count = _processes(batch_size, process_index, process_count, "global")
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -240,18 +250,11 @@ class EvalSource:
         process_index: int | None = None,
         process_count: int | None = None,
     ) -> None:
-        sizes = {k: len(v) for k, v in arrays.items()}
-        if not sizes or len(set(sizes.values())) != 1:
-            raise ValueError(f"arrays must be non-empty and of equal length, got {sizes}")
         if "mask" in arrays:
             raise ValueError("'mask' is reserved for padding")
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.n = next(iter(sizes.values()))
+        self.arrays, self.n = _columns(arrays)
         self.batch_size = batch_size
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
-        if batch_size % self.process_count:
-            raise ValueError(f"eval batch_size {batch_size} must divide by the {self.process_count} processes")
+        self.process_index, self.process_count = _processes(batch_size, process_index, process_count, "eval")
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)

@@ -110,14 +110,7 @@ def multitask_loss(weights: Mapping[str, float], label_smoothing: float = 0.0, t
         raise ValueError("weights must name at least one task")
 
     def loss_fn(params, state, batch, rng, extra):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        if train_mode:
-            outputs, mutated = state.apply_fn(
-                variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng}
-            )
-            batch_stats = mutated.get("batch_stats", state.batch_stats)
-        else:
-            outputs, batch_stats = state.apply_fn(variables, batch["image"], train=False), state.batch_stats
+        outputs, batch_stats = train.forward(state, params, batch["image"], rng, train_mode)
         missing = [t for t in weights if t not in outputs]
         if missing:
             raise KeyError(f"loss weights name tasks {missing} the model does not have ({sorted(outputs)})")

@@ -157,6 +157,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), q).mean()
 
 
+def forward(state: TrainState, params: Any, images: jax.Array, rng: jax.Array, train_mode: bool) -> tuple[Any, Any]:
+    """(model outputs, batch_stats after the pass): train mode updates BatchNorm statistics and draws
+    dropout from `rng`; inference mode leaves them as they are."""
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if not train_mode:
+        return state.apply_fn(variables, images, train=False), state.batch_stats
+    out, mutated = state.apply_fn(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    return out, mutated.get("batch_stats", state.batch_stats)
+
+
 def classification_loss(label_smoothing: float = 0.0, train_mode: bool = True) -> LossFn:
     """Supervised fine-tuning loss: cross-entropy on batch['image'], batch['label'].
 
@@ -165,14 +175,7 @@ def classification_loss(label_smoothing: float = 0.0, train_mode: bool = True) -
     """
 
     def loss_fn(params: Any, state: TrainState, batch: Batch, rng: jax.Array, extra: Any):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        if train_mode:
-            logits, mutated = state.apply_fn(
-                variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng}
-            )
-            batch_stats = mutated.get("batch_stats", state.batch_stats)
-        else:
-            logits, batch_stats = state.apply_fn(variables, batch["image"], train=False), state.batch_stats
+        logits, batch_stats = forward(state, params, batch["image"], rng, train_mode)
         if isinstance(logits, tuple):  # models with auxiliary heads: the main logits drive the loss
             logits = logits[0]
         loss = cross_entropy(logits, batch["label"], label_smoothing)

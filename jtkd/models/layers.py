@@ -34,17 +34,22 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 _SMALL_MAP = 64
 
 
+def _out_size(n: int, k: int, s: int, pad: Sequence[int], d: int) -> int:
+    return (n + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1
+
+
 def _shifted_slices(x: jax.Array, kernel: tuple[int, int], strides: Sequence[int],
-                    padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> tuple[list[jax.Array], int, int]:
+                    padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> list[jax.Array]:
     """The kh*kw strided windows of the padded NHWC input, each of the output's spatial shape."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
+    ho = _out_size(x.shape[1], kh, sh, padding[0], dh)
+    wo = _out_size(x.shape[2], kw, sw, padding[1], dw)
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    n, h, w, c = x.shape
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    n, c = x.shape[0], x.shape[3]
     return [
         jax.lax.slice(x, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
         for i in range(kh) for j in range(kw)
-    ], ho, wo
+    ]
 
 
 def conv(
@@ -79,21 +84,22 @@ def conv(
         return xla()
     kh, kw_, cin, cout = rhs.shape
     c = lhs.shape[-1]
+    windows = partial(_shifted_slices, kernel=(kh, kw_), strides=window_strides, padding=padding, dilation=dilation)
     if feature_group_count == c and cin == 1 and cout == c:  # depthwise
-        cols, _, _ = _shifted_slices(lhs, (kh, kw_), window_strides, padding, dilation)
-        return sum(col * rhs[i // kw_, i % kw_, 0] for i, col in enumerate(cols))
+        return sum(col * rhs[i // kw_, i % kw_, 0] for i, col in enumerate(windows(lhs)))
     g = feature_group_count
+    n, h, w, _ = lhs.shape
+    ho = _out_size(h, kh, window_strides[0], padding[0], dilation[0])
+    wo = _out_size(w, kw_, window_strides[1], padding[1], dilation[1])
     if g > 1:  # grouped (ResNeXt, RegNet): one batched matmul, groups leading so only x and y are transposed
-        n, h, w, _ = lhs.shape
         xg = lhs.reshape(n, h, w, g, cin).transpose(3, 0, 1, 2, 4).reshape(g * n, h, w, cin)
-        cols, ho, wo = _shifted_slices(xg, (kh, kw_), window_strides, padding, dilation)
-        patches = jnp.concatenate(cols, axis=-1).reshape(g, n * ho * wo, kh * kw_ * cin)
+        patches = jnp.concatenate(windows(xg), axis=-1).reshape(g, n * ho * wo, kh * kw_ * cin)
         wg = rhs.reshape(kh * kw_ * cin, g, cout // g).transpose(1, 0, 2)
         out = jnp.einsum("gpk,gko->gpo", patches, wg, precision=precision)
         return out.reshape(g, n, ho, wo, cout // g).transpose(1, 2, 3, 0, 4).reshape(n, ho, wo, cout)
-    cols, ho, wo = _shifted_slices(lhs, (kh, kw_), window_strides, padding, dilation)
     if kh * kw_ > 1 and ho * wo > _SMALL_MAP:
         return xla()
+    cols = windows(lhs)
     patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
     return jnp.dot(patches, rhs.reshape(kh * kw_ * cin, cout), precision=precision)
 
