@@ -106,7 +106,7 @@ def test_bad_batch_arguments(test_split):
         data.batches(test_split, 1000, train=True, **ONE_HOST)
 
 
-needs4 = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices, see tests/conftest.py")
+needs4 = pytest.mark.usefixtures("four_devices")
 
 
 @needs4

@@ -16,7 +16,7 @@ from jtkd import distill, losses, models, train
 from jtkd.distill import DistillConfig
 from jtkd.models import layers
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 fake devices (tests/conftest.py)")
+pytestmark = pytest.mark.usefixtures("four_devices")
 SIZE, NCLS = 8, 5
 
 

@@ -9,9 +9,7 @@ import pytest
 
 from jtkd import models, train
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 4, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (tests/conftest.py)"
-)
+pytestmark = pytest.mark.usefixtures("four_devices")
 
 
 def _run(num_devices: int, steps: int, dtype=jnp.float32):
