@@ -45,7 +45,8 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
 
     torch is imported before anything can pull in tensorflow (triton segfault otherwise), and on
     `cpu` JAX is pinned to the host platform with exactly one (real) CPU device: XLA's intra-op
-    thread pool then spans every core, as torch's does.
+    thread pool then spans every core, as torch's does. jtkd's CPU flags (`jtkd.xla_flags`) are
+    applied as jtkd's own entry points apply them; JTKD_XLA_FLAGS=0 keeps XLA's defaults.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     policy = os.environ.get("OMP_WAIT_POLICY") or omp_wait_policy(omp_wait)
@@ -59,6 +60,10 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" in flags:  # e.g. inherited from the test suite
             os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
+        if os.environ.get("JTKD_XLA_FLAGS", "1") != "0":  # JTKD_XLA_FLAGS=0: XLA's defaults, for comparison
+            from jtkd.xla_flags import use_cpu_flags
+
+            use_cpu_flags()
     import torch
 
     torch.set_num_threads(num_cores())  # equal to XLA's pool; torch defaults to physical cores anyway

@@ -138,7 +138,7 @@ def profile(model: str, size: int, batch: int, steps: int = 3) -> dict[str, Any]
         per_kind[kinds.get(name, "other\t").split("\t")[0]] += ns
     total = sum(per_kind.values()) or 1
     top = [{"instruction": n, "ms_per_step": ns / steps / 1e6, "share": ns / total, "kind": kinds.get(n, "other\t").replace("\t", " | ")}
-           for n, ns in per_op.most_common(8)]
+           for n, ns in per_op.most_common(int(os.environ.get("TOPN", 8)))]
     return {
         "model": model, "size": size, "batch": batch,
         "busy_ms_per_step": total / steps / 1e6,

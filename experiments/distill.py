@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import torch
 
 from jtkd import config as cfglib
+from jtkd.xla_flags import use_cpu_flags
 from jtkd import data, distill, models, optim, train
 from jtkd.distill import DistillConfig
 from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer, classification_eval, read_jsonl
@@ -676,4 +677,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    use_cpu_flags()  # this process owns XLA: its measured-best CPU flags (no-op on GPU/TPU)
     main()

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from jtkd import config as jconfig
+from jtkd.xla_flags import use_cpu_flags
 from jtkd.finetune import FinetuneConfig
 from jtkd.loop import LoopConfig
 from jtkd.optim import OptimConfig
@@ -440,4 +441,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    use_cpu_flags()  # this process owns XLA: its measured-best CPU flags (no-op on GPU/TPU)
     main()

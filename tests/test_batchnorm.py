@@ -1,5 +1,5 @@
-"""Train-mode BatchNorm: its hand-written backward (layers._normalize) against torch's autograd, and
-synchronised over a 4-device mesh against one device holding the whole batch."""
+"""Train-mode BatchNorm and LayerNorm: their hand-written backward (layers._normalize) against torch's
+autograd, and BatchNorm synchronised over a 4-device mesh against one device holding the whole batch."""
 
 import functools
 
@@ -90,3 +90,27 @@ def test_synchronised_over_four_devices_equals_one_device():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     for k in stats1:
         np.testing.assert_allclose(stats4[k], stats1[k], atol=1e-6, rtol=1e-6)
+
+
+def test_layer_norm_backward_matches_torch_autograd():
+    """LayerNorm (ViT, ConvNeXt, Swin, MaxViT) shares the closed-form backward, over the last axis."""
+    x, g, scale, bias = _data(2, shape=(3, 7, 5, 24))
+    ln = layers.LayerNorm(epsilon=1e-6)
+
+    def loss(x, scale, bias):
+        y = ln.apply({"params": {"scale": scale, "bias": bias}}, x)
+        return jnp.sum(y * g), y
+
+    (_, y), (dx, dscale, dbias) = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    tln = torch.nn.LayerNorm(x.shape[-1], eps=1e-6).double()
+    with torch.no_grad():
+        tln.weight.copy_(torch.from_numpy(scale))
+        tln.bias.copy_(torch.from_numpy(bias))
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    yt = tln(xt)
+    yt.backward(torch.from_numpy(g.astype(np.float64)))
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(dscale, tln.weight.grad.numpy(), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(dbias, tln.bias.grad.numpy(), atol=1e-4, rtol=1e-5)

@@ -8,6 +8,7 @@ input size, and the NCHW flatten order in front of fully connected classifiers.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -38,18 +39,34 @@ def _out_size(n: int, k: int, s: int, pad: Sequence[int], d: int) -> int:
     return (n + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1
 
 
+def _cpu_routing() -> bool:
+    """Whether to use jtkd's CPU formulations of convolution and pooling (`JTKD_CONV=xla`: never)."""
+    return jax.default_backend() == "cpu" and os.environ.get("JTKD_CONV", "auto") != "xla"
+
+
 def _shifted_slices(x: jax.Array, kernel: tuple[int, int], strides: Sequence[int],
-                    padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> list[jax.Array]:
+                    padding: Sequence[tuple[int, int]], dilation: Sequence[int], pad_value: float = 0.0) -> list[jax.Array]:
     """The kh*kw strided windows of the padded NHWC input, each of the output's spatial shape."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
     ho = _out_size(x.shape[1], kh, sh, padding[0], dh)
     wo = _out_size(x.shape[2], kw, sw, padding[1], dw)
-    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)), constant_values=pad_value)
     n, c = x.shape[0], x.shape[3]
     return [
         jax.lax.slice(x, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
         for i in range(kh) for j in range(kw)
     ]
+
+
+def _unshift(v: jax.Array, index: int, kernel: tuple[int, int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]], dilation: Sequence[int], in_hw: tuple[int, int]) -> jax.Array:
+    """Transpose of `_shifted_slices(...)[index]`: v (output-shaped) back onto the unpadded input grid,
+    as one interior/edge padding (negative edges crop what fell on the padding)."""
+    (_, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
+    top, left = (index // kw) * dh - padding[0][0], (index % kw) * dw - padding[1][0]
+    (h, w), (ho, wo) = in_hw, v.shape[1:3]
+    return jax.lax.pad(v, jnp.zeros((), v.dtype), ((0, 0, 0), (top, h - top - (ho - 1) * sh - 1, sh - 1),
+                                                   (left, w - left - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
 
 
 def conv(
@@ -77,7 +94,7 @@ def conv(
                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                   feature_group_count=feature_group_count, precision=precision, **kw)
     dilation = tuple(rhs_dilation or (1, 1))
-    if (jax.default_backend() != "cpu" or os.environ.get("JTKD_CONV", "auto") == "xla" or kw
+    if (not _cpu_routing() or kw
             or any(d != 1 for d in (lhs_dilation or ())) or isinstance(padding, str) or lhs.ndim != 4
             or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
@@ -175,6 +192,7 @@ class BatchNorm(nn.Module):
             if self.axis_name is not None:
                 n = n * jax.lax.psum(1, self.axis_name)
             xhat, mean, var = _normalize(xf, axes, self.axis_name, self.epsilon)
+            mean, var = mean.reshape(c), var.reshape(c)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
@@ -185,18 +203,21 @@ class BatchNorm(nn.Module):
 
 
 def _batch_mean(v: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> jax.Array:
-    m = v.mean(axes)
+    m = v.mean(axes, keepdims=True)
     return m if axis_name is None else jax.lax.pmean(m, axis_name)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _normalize(x: jax.Array, axes: tuple[int, ...], axis_name: str | None, eps: float) -> tuple[jax.Array, ...]:
-    """(x - mean) / sqrt(var + eps) with the batch's (biased, two-pass) statistics, and those statistics.
+    """(x - mean) / sqrt(var + eps) with (biased, two-pass) statistics over `axes` (kept as size-1 dims),
+    and those statistics: the batch's for BatchNorm (all axes but channels), each row's for LayerNorm.
 
-    A custom VJP because autodiff through mean and variance costs several passes over the activations;
-    the closed form  dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps)  needs two reductions
-    and one elementwise pass (2-3.5x faster on CPU, bench/FINDINGS.md). The statistics are returned for
-    the running averages only and carry no gradient (stop_gradient below makes that exact).
+    A custom VJP because autodiff through mean and variance costs several passes over the activations
+    (and, in a transformer, lets XLA fuse the residual stream's gradient into every layer's LayerNorm
+    backward, recomputing it per layer); the closed form
+        dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps)
+    needs two reductions and one elementwise pass (2-3.5x faster on CPU, bench/FINDINGS.md). The
+    statistics are returned for BatchNorm's running averages only and carry no gradient.
     """
     return _normalize_fwd(x, axes, axis_name, eps)[0]
 
@@ -229,10 +250,8 @@ class LayerNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+        xhat = _normalize(x.astype(jnp.float32), (x.ndim - 1,), None, self.epsilon)[0]
+        return (xhat * scale + bias).astype(self.dtype)
 
 
 def _pool_padding(n: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
@@ -255,7 +274,35 @@ def max_pool(
     """`torch.nn.MaxPool2d` (padding is -inf, so it never wins)."""
     k, s, p = _pair(kernel_size), _pair(stride if stride is not None else kernel_size), _pair(padding)
     pads = tuple(_pool_padding(x.shape[1 + i], k[i], s[i], p[i], ceil_mode) for i in range(2))
+    if _cpu_routing():
+        return _window_max(x, k, s, pads)
     return nn.max_pool(x, k, s, padding=pads)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _window_max(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple) -> jax.Array:
+    """Max over the kh*kw strided windows (CPU). XLA:CPU's reduce-window max keeps four int32 index
+    tensors for its gradient and runs on one thread; this is one elementwise pass each way. The
+    gradient goes to the first maximum in row-major window order, as torch's does."""
+    return functools.reduce(jnp.maximum, _shifted_slices(x, kernel, strides, pads, (1, 1), -jnp.inf))
+
+
+def _window_max_fwd(x, kernel, strides, pads):
+    out = _window_max(x, kernel, strides, pads)
+    return out, (x, out)
+
+
+def _window_max_bwd(kernel, strides, pads, res, g):
+    x, out = res
+    taken, dx = jnp.zeros(out.shape, bool), jnp.zeros(x.shape, g.dtype)
+    for i, window in enumerate(_shifted_slices(x, kernel, strides, pads, (1, 1), -jnp.inf)):
+        first = (window == out) & ~taken
+        taken = taken | first
+        dx = dx + _unshift(jnp.where(first, g, jnp.zeros((), g.dtype)), i, kernel, strides, pads, (1, 1), x.shape[1:3])
+    return (dx,)
+
+
+_window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 def avg_pool(
