@@ -25,17 +25,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def omp_wait_policy(requested: str) -> str:
     """The OpenMP wait policy torch's CPU threads will use: 'auto' resolves to PASSIVE when the
-    machine is oversubscribed (1-min load average above the core count), else torch's default.
+    machine is oversubscribed (1-min load average above twice the core count), else torch's default.
 
     Why: torch's OpenMP workers spin at barriers (GNU OpenMP's ACTIVE default); when other
     processes hold the cores, a spinning worker burns its time slice while the thread it waits for
     is descheduled, and a step can get 10x slower (measured here: resnet18 64 px batch 16, 11.8 s
     ACTIVE vs 0.92 s PASSIVE at load 15 on 2 cores). XLA's Eigen pool parks idle threads. On an idle
-    machine spinning is what torch users get and is slightly faster, so it is kept there.
+    machine spinning is what torch users get and is faster (PASSIVE costs torch up to 26% here), so
+    it is kept there; the threshold is 2x the cores because the previous job's tail alone lifts the
+    1-min load to about the core count (bench/FINDINGS.md).
     """
     if requested == "auto":
         la = load_average()
-        return "PASSIVE" if la and la[0] > num_cores() else "default"
+        return "PASSIVE" if la and la[0] > 2 * num_cores() else "default"
     return requested.upper() if requested != "default" else "default"
 
 

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", default=d.out)
     p.add_argument("--omp-wait", default=d.omp_wait, choices=["auto", "active", "passive", "default"],
-                   help="torch's OpenMP wait policy; auto = passive when the load average exceeds the cores")
+                   help="torch's OpenMP wait policy; auto = passive when the load average exceeds twice the cores")
     a = p.parse_args(argv)
     return BenchConfig(
         size=a.size, device=a.device, only=tuple(s for s in a.only.split(",") if s),

@@ -145,6 +145,8 @@ def test_omp_wait_policy_follows_load(monkeypatch):
     assert common.omp_wait_policy("auto") == "PASSIVE"
     monkeypatch.setattr(common, "load_average", lambda: (0.0, 0.0, 0.0))
     assert common.omp_wait_policy("auto") == "default"
+    monkeypatch.setattr(common, "load_average", lambda: (1.5 * common.num_cores(), 0.0, 0.0))
+    assert common.omp_wait_policy("auto") == "default"  # a previous job's tail is not oversubscription
     assert common.omp_wait_policy("active") == "ACTIVE"
 
 
