@@ -15,6 +15,8 @@ from bench import common, mfu
 from bench.run import SUITES, BenchConfig, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One xdist worker runs this module, so the `tiny` bench (1.5 min) runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("bench")
 
 
 @pytest.fixture(scope="module")
