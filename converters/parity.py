@@ -106,16 +106,17 @@ def probe_batch(batch: int, height: int, width: int, seed: int = 0) -> np.ndarra
 
 
 def torch_logits(model: Any, x_nchw: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.from_numpy(x_nchw))
-    return (out.logits if hasattr(out, "logits") else out).numpy()
+    return torch_forward(model, x_nchw, ())[0]
 
 
 def torch_module_outputs(model: Any, x_nchw: np.ndarray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Outputs of the torch submodules at dotted paths `names` (all that return a tensor if None),
     for one eval forward pass, in execution order (a module's first call)."""
+    return torch_forward(model, x_nchw, names)[1]
+
+
+def torch_forward(model: Any, x_nchw: np.ndarray, names: Sequence[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits and the submodule outputs of `torch_module_outputs`, from one eval forward pass."""
     import torch
 
     acts: dict[str, np.ndarray] = {}
@@ -131,11 +132,11 @@ def torch_module_outputs(model: Any, x_nchw: np.ndarray, names: Sequence[str] | 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods]
     try:
         with torch.no_grad():
-            model(torch.from_numpy(x_nchw))
+            out = model(torch.from_numpy(x_nchw))
     finally:
         for h in handles:
             h.remove()
-    return acts
+    return (out.logits if hasattr(out, "logits") else out).numpy(), acts
 
 
 def feature_rtol(logit_atol: float) -> float:
@@ -147,14 +148,16 @@ def feature_rtol(logit_atol: float) -> float:
     return max(1e-3, logit_atol)
 
 
-def feature_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **kw: Any) -> dict[str, tuple[float, float]]:
-    """name -> (max abs diff, max abs torch value) of every named Flax feature against the output of the
-    torch module of that path (all but 'pooled', which is no module's output in every family)."""
+def forward_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **kw: Any
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, float]]]:
+    """Torch logits, Flax logits and, for every named Flax feature but 'pooled' (no module's output in
+    every family), (max abs diff, max abs torch value) against the output of the torch module of that
+    path: one eval forward pass on each side."""
     module = models.create(name, **kw)
     with jax.default_matmul_precision("highest"):
-        _, feats = jax.jit(lambda v, x: models.features(module, v, x))(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
+        logits, feats = jax.jit(lambda v, x: models.features(module, v, x))(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
     names = [k for k in feats if k != "pooled"]
-    ref = torch_module_outputs(model, x_nchw, names)
+    ref_logits, ref = torch_forward(model, x_nchw, names)
     out = {}
     for k in names:
         got, want = np.asarray(feats[k]), ref[k]
@@ -163,7 +166,7 @@ def feature_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **
         if got.shape != want.shape:
             raise AssertionError(f"{name}: feature {k!r} has shape {got.shape}, torch module output {want.shape}")
         out[k] = (float(np.abs(got - want).max()), float(np.abs(want).max()))
-    return out
+    return ref_logits, np.asarray(logits), out
 
 
 def flax_logits(name: str, variables: dict, x_nchw: np.ndarray, **kw: Any) -> np.ndarray:
@@ -232,8 +235,9 @@ def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) 
     t0 = time.perf_counter()
     variables = convert(name, model.state_dict())
     seconds = time.perf_counter() - t0
-    ref = torch_logits(model, x)
-    got = flax_logits(name, variables, x, num_classes=num_classes)
+    # one forward pass per side gives logits and features: a second pass would double the suite's
+    # longest tests and check nothing new (sow does not change the computation)
+    ref, got, feats = forward_diffs(name, model, variables, x, num_classes=num_classes)
     if got.shape != ref.shape:
         raise AssertionError(f"{name}: Flax logits {got.shape} vs torch {ref.shape}")
     diff = float(np.abs(ref - got).max())
@@ -243,7 +247,6 @@ def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) 
         "max_abs_logit": float(np.abs(ref).max()), "atol": spec.atol, "argmax_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
         "convert_s": seconds, "first_divergence": None,
     }
-    feats = feature_diffs(name, model, variables, x, num_classes=num_classes)
     # relative to the activations' scale: unnormalised stage outputs reach 1e2-1e3
     worst = max(feats, key=lambda k: feats[k][0] / max(1.0, feats[k][1]), default=None)
     row["features"] = len(feats)

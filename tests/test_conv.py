@@ -22,6 +22,8 @@ CASES = {
     "pointwise_s2": ((2, 9, 7, 16), (1, 1, 16, 20), 2, 0, 1, 1, True),
     "small_map_3x3": ((3, 2, 2, 16), (3, 3, 16, 8), 1, 1, 1, 1, True),
     "small_map_asym_kernel": ((2, 5, 4, 8), (1, 7, 8, 8), 1, (0, 3), 1, 1, True),
+    "patches_4x4_s4": ((2, 17, 14, 3), (4, 4, 3, 8), 4, 0, 1, 1, True),  # rows and columns left over
+    "patches_16x16_large_map": ((1, 160, 144, 3), (16, 16, 3, 12), 16, 0, 1, 1, True),
     "large_map_3x3": ((2, 17, 15, 8), (3, 3, 8, 8), 1, 1, 1, 1, False),
 }
 

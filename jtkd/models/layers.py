@@ -86,7 +86,8 @@ def conv(
     On CPU (see bench/FINDINGS.md) XLA runs depthwise convolutions' weight gradients as dense C x C
     convolutions, runs grouped convolutions 30-100x slower than a batched matmul, swaps the operands of 3x3 convolutions on maps smaller than the kernel into a
     generic loop, and is slower than a plain dot for 1x1 convolutions. Those cases are computed here
-    as sums/matmuls over the kh*kw shifted input windows, which is the same sum in another order
+    as sums/matmuls over the kh*kw shifted input windows (patch embeddings, stride = kernel, as one
+    reshape), which is the same sum in another order
     (differences at float rounding level) and 2-40x faster there, forward and backward. Everything
     else, and every other backend, calls XLA's convolution. `JTKD_CONV=xla` turns this off.
     """
@@ -114,6 +115,11 @@ def conv(
         wg = rhs.reshape(kh * kw_ * cin, g, cout // g).transpose(1, 0, 2)
         out = jnp.einsum("gpk,gko->gpo", patches, wg, precision=precision)
         return out.reshape(g, n, ho, wo, cout // g).transpose(1, 2, 3, 0, 4).reshape(n, ho, wo, cout)
+    if ((kh, kw_) == tuple(window_strides) and dilation == (1, 1)
+            and all(tuple(p) == (0, 0) for p in padding)):  # non-overlapping patches (ViT, Swin, ConvNeXt stems)
+        # a reshape, not kh*kw slices: vit_b_32's 32x32 patches as 1024 slices took 25 s to compile
+        x = lhs[:, : ho * kh, : wo * kw_].reshape(n, ho, kh, wo, kw_, c).transpose(0, 1, 3, 2, 4, 5)
+        return jnp.dot(x.reshape(n, ho, wo, kh * kw_ * c), rhs.reshape(kh * kw_ * cin, cout), precision=precision)
     if kh * kw_ > 1 and ho * wo > _SMALL_MAP:
         return xla()
     cols = windows(lhs)
