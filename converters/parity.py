@@ -82,8 +82,9 @@ def randomize_(model: Any, seed: int = 0, calibrate: np.ndarray | None = None) -
     return model
 
 
-def torch_model(name: str, state_dict: dict | None = None, seed: int = 0, **kw: Any) -> Any:
-    """A torchvision model in eval mode: the checkpoint's weights, or random ones (randomize_)."""
+def torch_model(name: str, state_dict: dict | None = None, seed: int = 0, calibrate: bool = True, **kw: Any) -> Any:
+    """A torchvision model in eval mode: the checkpoint's weights, or random ones (randomize_; without
+    `calibrate`, random BatchNorm statistics around 0 and 1, enough where no forward pass follows)."""
     import torch
 
     torch.manual_seed(seed)
@@ -94,8 +95,7 @@ def torch_model(name: str, state_dict: dict | None = None, seed: int = 0, **kw: 
             sd._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
         model.load_state_dict(sd, strict=True)
     else:
-        h, w = get_spec(name).test_size
-        calib = probe_batch(4, h, w, seed=seed + 1000)
+        calib = probe_batch(4, *get_spec(name).test_size, seed=seed + 1000) if calibrate else None
         model = randomize_(build_torch_model(name, **kw), seed, calibrate=calib)
     return model.eval()
 

@@ -25,7 +25,9 @@ def test_train_mode_returns_aux_tuple_like_torch(name, size, kw):
         ref = [t.numpy() for t in model(torch.from_numpy(x))]
     module = models.create(name, num_classes=7, **kw)
     with jax.default_matmul_precision("highest"):
-        got, _ = module.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True, mutable=["batch_stats"])
+        # jit: op-by-op dispatch compiles every distinct op shape on its own, several times slower here
+        apply = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
+        got, _ = apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert isinstance(got, tuple) and len(got) == len(ref) == (3 if name == "googlenet" else 2)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(np.asarray(g), r, atol=1e-4 * max(1.0, np.abs(r).max()), rtol=0)
@@ -39,5 +41,6 @@ def test_convert_infers_aux_logits(name, prefix, aux):
     variables = convert(name, sd)
     assert (prefix.rstrip(".") in variables["params"]) == aux
     # eval mode returns the main logits only, with or without aux heads
-    out = models.create(name, num_classes=5, aux_logits=aux).apply(variables, jnp.zeros((1, 299, 299, 3)), train=False)
+    module = models.create(name, num_classes=5, aux_logits=aux)
+    out = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, jnp.zeros((1, 299, 299, 3)))
     assert out.shape == (1, 5)

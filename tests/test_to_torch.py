@@ -21,7 +21,7 @@ def _params(names):
 
 @pytest.mark.parametrize("name", _params(list_models()))
 def test_round_trip_reproduces_state_dict(name):
-    model = parity.torch_model(name, num_classes=9, seed=3)
+    model = parity.torch_model(name, num_classes=9, seed=3, calibrate=False)  # values only: no forward pass
     sd = model.state_dict()
     back = to_torch(name, convert(name, sd))
     assert list(back) == list(sd)
