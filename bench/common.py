@@ -262,6 +262,17 @@ def load_average() -> tuple[float, float, float] | None:
         return None
 
 
+def _onednn_status(device: str) -> str:
+    """Whether jtkd's 1x1 convolutions run on oneDNN (jtkd.models.onednn) in this run, and why not."""
+    if device != "cpu":
+        return "- (CPU only)"
+    from jtkd.models import onednn
+
+    if not onednn.enabled():
+        return f"off ({onednn.reason() or 'JTKD_ONEDNN=0'})"
+    return "1x1 convolutions (forward, input and weight gradients)"
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
@@ -295,6 +306,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jtkd_onednn": _onednn_status(device),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "device": device,
         "git": git_commit(),

@@ -1,0 +1,293 @@
+// oneDNN convolutions for XLA:CPU through the XLA FFI: forward, input gradient
+// and weight gradient on NHWC activations and HWIO kernels (Flax's layouts).
+//
+// XLA:CPU's own convolutions are 1.2-1.3x slower than oneDNN's on ResNet
+// shapes, and its weight gradients need transposed copies of the activations
+// (bench/FINDINGS.md). oneDNN reads both layouts in place; only the (small)
+// kernel is reordered into the blocked format its kernels want.
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+enum class Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+struct Geometry {
+  memory::dims src, wei, dst;  // logical oneDNN dims (N C H W / [G] O I H W)
+  memory::dims wei_strides;    // HWIO (grouped: H W I G O) as strides
+  memory::dims strides, dilates, pad_l, pad_r;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Primitives for one convolution geometry, built once and shared: oneDNN
+// primitives are immutable and safe to execute from several threads at once.
+struct Entry {
+  dnnl::primitive prim;
+  memory::desc src_md, wei_md, dst_md;  // what `prim` expects
+  memory::desc user_wei_md;             // HWIO as XLA stores it
+  memory::desc scratch_md, reorder_scratch_md;
+  bool reorder_wei = false;
+  dnnl::reorder wei_reorder;            // HWIO -> prim's format, or back
+  std::string impl;
+};
+
+std::string Key(Kind kind, const Geometry& g) {
+  std::string key = std::to_string(static_cast<int>(kind));
+  for (const auto* v : {&g.src, &g.wei, &g.dst, &g.strides, &g.dilates,
+                        &g.pad_l, &g.pad_r}) {
+    key += '|';
+    for (auto d : *v) key += std::to_string(d) + ',';
+  }
+  return key;
+}
+
+std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
+  auto& eng = Engine();
+  const auto f32 = memory::data_type::f32;
+  memory::desc src_md(g.src, f32, tag::nhwc);
+  memory::desc dst_md(g.dst, f32, tag::nhwc);
+  memory::desc any_wei(g.wei, f32, tag::any);
+  auto e = std::make_shared<Entry>();
+  e->user_wei_md = memory::desc(g.wei, f32, g.wei_strides);
+  const auto algo = dnnl::algorithm::convolution_direct;
+  // XLA runs independent operations concurrently: oneDNN's shared (library)
+  // scratchpad is not safe for that, so every call brings its own.
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::convolution_forward::primitive_desc fwd(
+      eng, dnnl::prop_kind::forward_training, algo, src_md, any_wei, dst_md,
+      g.strides, g.dilates, g.pad_l, g.pad_r, attr);
+  if (kind == Kind::kForward) {
+    e->prim = dnnl::convolution_forward(fwd);
+    e->wei_md = fwd.weights_desc();
+    e->scratch_md = fwd.scratchpad_desc();
+    e->impl = fwd.impl_info_str();
+  } else if (kind == Kind::kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        eng, algo, src_md, any_wei, dst_md, g.strides, g.dilates, g.pad_l,
+        g.pad_r, fwd, attr);
+    e->prim = dnnl::convolution_backward_data(pd);
+    e->wei_md = pd.weights_desc();
+    e->scratch_md = pd.scratchpad_desc();
+    e->impl = pd.impl_info_str();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        eng, algo, src_md, any_wei, dst_md, g.strides, g.dilates, g.pad_l,
+        g.pad_r, fwd, attr);
+    e->prim = dnnl::convolution_backward_weights(pd);
+    e->wei_md = pd.diff_weights_desc();
+    e->scratch_md = pd.scratchpad_desc();
+    e->impl = pd.impl_info_str();
+  }
+  e->src_md = src_md;
+  e->dst_md = dst_md;
+  e->reorder_wei = e->wei_md != e->user_wei_md;
+  if (e->reorder_wei) {
+    auto pd = kind == Kind::kBackwardWeights
+                  ? dnnl::reorder::primitive_desc(eng, e->wei_md, eng,
+                                                  e->user_wei_md, attr)
+                  : dnnl::reorder::primitive_desc(eng, e->user_wei_md, eng,
+                                                  e->wei_md, attr);
+    e->wei_reorder = dnnl::reorder(pd);
+    e->reorder_scratch_md = pd.scratchpad_desc();
+  }
+  return e;
+}
+
+std::shared_ptr<Entry> Get(Kind kind, const Geometry& g) {
+  static std::mutex mu;
+  static auto* cache =
+      new std::unordered_map<std::string, std::shared_ptr<Entry>>();
+  const std::string key = Key(kind, g);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  auto e = Build(kind, g);  // outside the lock: building JITs kernels
+  std::lock_guard<std::mutex> lock(mu);
+  return cache->emplace(key, e).first->second;
+}
+
+// x: N H W C, kernel: KH KW C/G O, y: N OH OW O.
+ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> x,
+                                    ffi::Span<const int64_t> k,
+                                    ffi::Span<const int64_t> y,
+                                    ffi::Span<const int64_t> strides,
+                                    ffi::Span<const int64_t> pad_lo,
+                                    ffi::Span<const int64_t> pad_hi,
+                                    ffi::Span<const int64_t> dilation,
+                                    int64_t groups) {
+  if (x.size() != 4 || k.size() != 4 || y.size() != 4 || strides.size() != 2 ||
+      pad_lo.size() != 2 || pad_hi.size() != 2 || dilation.size() != 2) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "jtkd oneDNN convolution: expected 2-D NHWC/HWIO operands and "
+        "2-element strides, padding and dilation"));
+  }
+  const int64_t c = x[3], o = k[3], ci = k[2];
+  if (groups < 1 || c != ci * groups || o % groups != 0 || y[3] != o ||
+      x[0] != y[0]) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "jtkd oneDNN convolution: operand shapes do not match the groups"));
+  }
+  Geometry g;
+  g.src = {x[0], c, x[1], x[2]};
+  g.dst = {y[0], o, y[1], y[2]};
+  const int64_t kh = k[0], kw = k[1];
+  if (groups == 1) {
+    g.wei = {o, ci, kh, kw};
+    g.wei_strides = {1, o, kw * ci * o, ci * o};
+  } else {
+    const int64_t og = o / groups;
+    g.wei = {groups, og, ci, kh, kw};
+    g.wei_strides = {og, 1, o, kw * ci * o, ci * o};
+  }
+  g.strides = {strides[0], strides[1]};
+  g.dilates = {dilation[0] - 1, dilation[1] - 1};  // oneDNN counts the gaps
+  g.pad_l = {pad_lo[0], pad_lo[1]};
+  g.pad_r = {pad_hi[0], pad_hi[1]};
+  return g;
+}
+
+ffi::Error Run(Kind kind, const Geometry& g, float* src, float* wei,
+               float* dst) {
+  try {
+    auto e = Get(kind, g);
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory src_m(e->src_md, eng, src), dst_m(e->dst_md, eng, dst);
+    memory user_wei(e->user_wei_md, eng, wei);
+    memory wei_m = e->reorder_wei ? memory(e->wei_md, eng) : user_wei;
+    memory scratch(e->scratch_md, eng);
+    auto reorder = [&](memory& from, memory& to) {
+      memory reorder_scratch(e->reorder_scratch_md, eng);
+      e->wei_reorder.execute(stream, {{DNNL_ARG_FROM, from},
+                                      {DNNL_ARG_TO, to},
+                                      {DNNL_ARG_SCRATCHPAD, reorder_scratch}});
+    };
+    if (e->reorder_wei && kind != Kind::kBackwardWeights) {
+      reorder(user_wei, wei_m);
+    }
+    switch (kind) {
+      case Kind::kForward:
+        e->prim.execute(stream, {{DNNL_ARG_SRC, src_m},
+                                 {DNNL_ARG_WEIGHTS, wei_m},
+                                 {DNNL_ARG_DST, dst_m},
+                                 {DNNL_ARG_SCRATCHPAD, scratch}});
+        break;
+      case Kind::kBackwardData:
+        e->prim.execute(stream, {{DNNL_ARG_DIFF_SRC, src_m},
+                                 {DNNL_ARG_WEIGHTS, wei_m},
+                                 {DNNL_ARG_DIFF_DST, dst_m},
+                                 {DNNL_ARG_SCRATCHPAD, scratch}});
+        break;
+      case Kind::kBackwardWeights:
+        e->prim.execute(stream, {{DNNL_ARG_SRC, src_m},
+                                 {DNNL_ARG_DIFF_WEIGHTS, wei_m},
+                                 {DNNL_ARG_DIFF_DST, dst_m},
+                                 {DNNL_ARG_SCRATCHPAD, scratch}});
+        if (e->reorder_wei) reorder(wei_m, user_wei);
+        break;
+    }
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("jtkd oneDNN convolution: ") +
+                                err.what());
+  }
+  return ffi::Error::Success();
+}
+
+#define JTKD_ATTRS                                        \
+  ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo, \
+      ffi::Span<const int64_t> pad_hi, ffi::Span<const int64_t> dilation, \
+      int64_t groups
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, JTKD_ATTRS) {
+  auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(),
+                        strides, pad_lo, pad_hi, dilation, groups);
+  if (g.has_error()) return g.error();
+  return Run(Kind::kForward, *g, x.typed_data(), k.typed_data(),
+             y->typed_data());
+}
+
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
+                        ffi::ResultBuffer<ffi::F32> dx, JTKD_ATTRS) {
+  auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(),
+                        strides, pad_lo, pad_hi, dilation, groups);
+  if (g.has_error()) return g.error();
+  return Run(Kind::kBackwardData, *g, dx->typed_data(), k.typed_data(),
+             dy.typed_data());
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dk, JTKD_ATTRS) {
+  auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(),
+                        strides, pad_lo, pad_hi, dilation, groups);
+  if (g.has_error()) return g.error();
+  return Run(Kind::kBackwardWeights, *g, x.typed_data(), dk->typed_data(),
+             dy.typed_data());
+}
+
+}  // namespace
+
+// Every handler: two f32 operands, one f32 result, the convolution's geometry.
+#define JTKD_DEFINE_HANDLER(symbol, fn)                                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                       \
+      symbol, fn,                                                      \
+      ffi::Ffi::Bind()                                                 \
+          .Arg<ffi::Buffer<ffi::F32>>()                                \
+          .Arg<ffi::Buffer<ffi::F32>>()                                \
+          .Ret<ffi::Buffer<ffi::F32>>()                                \
+          .Attr<ffi::Span<const int64_t>>("strides")                   \
+          .Attr<ffi::Span<const int64_t>>("pad_lo")                    \
+          .Attr<ffi::Span<const int64_t>>("pad_hi")                    \
+          .Attr<ffi::Span<const int64_t>>("dilation")                  \
+          .Attr<int64_t>("groups"));
+
+JTKD_DEFINE_HANDLER(JtkdOnednnConvForward, Forward)
+JTKD_DEFINE_HANDLER(JtkdOnednnConvBackwardData, BackwardData)
+JTKD_DEFINE_HANDLER(JtkdOnednnConvBackwardWeights, BackwardWeights)
+
+// Which oneDNN implementation a geometry gets ("ref" would be slow): for
+// tests and the bench. Returns the length written (without the NUL).
+extern "C" int64_t JtkdOnednnImplInfo(int kind, const int64_t* x,
+                                      const int64_t* k, const int64_t* y,
+                                      const int64_t* attrs, int64_t groups,
+                                      char* out, int64_t out_size) {
+  auto span = [](const int64_t* p, size_t n) {
+    return ffi::Span<const int64_t>(p, n);
+  };
+  auto g = MakeGeometry(span(x, 4), span(k, 4), span(y, 4), span(attrs, 2),
+                        span(attrs + 2, 2), span(attrs + 4, 2),
+                        span(attrs + 6, 2), groups);
+  std::string s;
+  if (g.has_error()) {
+    s = "error: invalid geometry";
+  } else {
+    try {
+      s = Get(static_cast<Kind>(kind), *g)->impl;
+    } catch (const dnnl::error& err) {
+      s = std::string("error: ") + err.what();
+    }
+  }
+  const int64_t n = std::min<int64_t>(s.size(), out_size - 1);
+  std::copy(s.begin(), s.begin() + n, out);
+  out[n] = '\0';
+  return n;
+}

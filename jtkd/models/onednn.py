@@ -1,0 +1,221 @@
+"""oneDNN convolutions on XLA:CPU, as XLA FFI custom calls (`jtkd/csrc/onednn_conv.cc`).
+
+jaxlib's XLA:CPU ships no oneDNN convolution. This module compiles a small FFI library against
+the oneDNN of the `onednn-cpu-gomp` wheel (headers from `onednn-devel-cpu-gomp`) with the system
+C++ compiler on first use, caches the shared object under `~/.cache/jtkd` (keyed by a hash of the
+source, jaxlib and oneDNN), and registers its three handlers: forward, input gradient, weight
+gradient, on NHWC activations and HWIO kernels, read in place.
+
+`conv` is differentiable (custom VJP); which gradient runs where is chosen by the caller, because
+oneDNN's weight gradient on NHWC is the slow one for kernels larger than 1x1 on AVX2 machines
+(bench/FINDINGS.md). If the compiler or oneDNN is missing, `available()` is False and `reason()`
+says why; `jtkd.models.layers.conv` then keeps XLA's convolution.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "onednn_conv.cc"
+_TARGETS = {"fwd": "JtkdOnednnConvForward", "bwd_data": "JtkdOnednnConvBackwardData",
+            "bwd_weights": "JtkdOnednnConvBackwardWeights"}
+
+
+class OneDNNUnavailable(RuntimeError):
+    """The oneDNN extension cannot be built or loaded here; the message says why."""
+
+
+def _onednn_root() -> Path:
+    """Where oneDNN's `include/` and `lib/` are: `JTKD_ONEDNN_ROOT`, else the Python environment's
+    data prefix (where the onednn wheels install them)."""
+    root = os.environ.get("JTKD_ONEDNN_ROOT")
+    return Path(root) if root else Path(sysconfig.get_paths()["data"])
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jtkd"
+
+
+def _build() -> Path:
+    """Compile the extension (once per source/jaxlib/oneDNN combination) and return its path."""
+    root = _onednn_root()
+    header, lib = root / "include" / "oneapi" / "dnnl" / "dnnl.hpp", root / "lib" / "libdnnl.so.3"
+    if not header.is_file() or not lib.is_file():
+        raise OneDNNUnavailable(f"oneDNN not found under {root} (need {header} and {lib}); "
+                                "pip install onednn-cpu-gomp onednn-devel-cpu-gomp, or set JTKD_ONEDNN_ROOT")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise OneDNNUnavailable(f"no C++ compiler ({cxx!r} not on PATH; set CXX)")
+    import jaxlib
+
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), str(lib.resolve()).encode(),
+                                     sys.version.encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"onednn_conv-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes (pytest-xdist) never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", f"-I{root / 'include'}",
+           str(SOURCE), "-o", tmp, f"-L{lib.parent}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib.parent}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise OneDNNUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | OneDNNUnavailable:
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except OneDNNUnavailable as err:
+        return err
+    except OSError as err:  # a broken cached build or a oneDNN that fails to load
+        return OneDNNUnavailable(f"loading the oneDNN extension failed: {err}")
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(f"jtkd_onednn_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    p = ctypes.POINTER(ctypes.c_int64)
+    lib.JtkdOnednnImplInfo.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64]
+    lib.JtkdOnednnImplInfo.restype = ctypes.c_int64
+    return lib
+
+
+def enabled() -> bool:
+    """Whether `layers.conv` should use oneDNN: available and not turned off with `JTKD_ONEDNN=0`.
+    Warns once (with the reason) when it is wanted but cannot be built or loaded."""
+    if os.environ.get("JTKD_ONEDNN", "1") == "0":
+        return False
+    if not available():
+        _warn_unavailable()
+        return False
+    return True
+
+
+@functools.cache
+def _warn_unavailable() -> None:
+    warnings.warn(f"jtkd: oneDNN convolutions unavailable, using XLA's ({reason()}); "
+                  "set JTKD_ONEDNN=0 to silence this", RuntimeWarning, stacklevel=3)
+
+
+def available() -> bool:
+    """Whether the oneDNN extension is built and registered (builds it on the first call)."""
+    return not isinstance(_library(), OneDNNUnavailable)
+
+
+def reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    lib = _library()
+    return str(lib) if isinstance(lib, OneDNNUnavailable) else ""
+
+
+def _require() -> ctypes.CDLL:
+    lib = _library()
+    if isinstance(lib, OneDNNUnavailable):
+        raise lib
+    return lib
+
+
+Geometry = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int], int]
+
+
+def _attrs(geometry: Geometry) -> dict:
+    strides, padding, dilation, groups = geometry
+    i64 = functools.partial(np.asarray, dtype=np.int64)
+    return dict(strides=i64(strides), pad_lo=i64([p[0] for p in padding]), pad_hi=i64([p[1] for p in padding]),
+                dilation=i64(dilation), groups=np.int64(groups))
+
+
+def _out_shape(x_shape: Sequence[int], w_shape: Sequence[int], geometry: Geometry) -> tuple[int, ...]:
+    strides, padding, dilation, _ = geometry
+    n, h, w, _ = x_shape
+    kh, kw, _, o = w_shape
+    size = lambda i, k, s, p, d: (i + p[0] + p[1] - d * (k - 1) - 1) // s + 1  # noqa: E731
+    return (n, size(h, kh, strides[0], padding[0], dilation[0]), size(w, kw, strides[1], padding[1], dilation[1]), o)
+
+
+def _call(target: str, shape: Sequence[int], *operands: jax.Array, geometry: Geometry) -> jax.Array:
+    """One FFI call; under shard_map its result varies over the axes its operands vary over."""
+    _require()
+    out = jax.ffi.ffi_call(f"jtkd_onednn_conv_{target}", jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
+                           vmap_method="sequential")(*operands, **_attrs(geometry))
+    axes = _varying(*operands)  # ffi_call results carry no shard_map type of their own
+    return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
+
+
+def _varying(*arrays: jax.Array) -> frozenset:
+    return frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+
+
+def _match_varying(*arrays: jax.Array) -> list[jax.Array]:
+    """Mark every operand as varying over the union of their shard_map axes (an FFI call has one type
+    for all its operands). The transpose of that cast sums a replicated kernel's gradient over the axes,
+    as it does for XLA's own convolution."""
+    axes = _varying(*arrays)
+    return [jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying") if axes - _varying(a) else a
+            for a in arrays]
+
+
+def conv(x: jax.Array, w: jax.Array, geometry: Geometry, xla_weight_grad: bool = False) -> jax.Array:
+    """NHWC x HWIO float32 convolution by oneDNN; geometry = (strides, ((lo, hi), (lo, hi)), dilation,
+    groups). With `xla_weight_grad` the weight gradient is XLA's convolution, not oneDNN's: on AVX2
+    oneDNN's NHWC weight gradient is 1.5-2.5x slower than XLA's for 3x3 kernels, 2-3x faster for 1x1."""
+    return _conv(*_match_varying(x, w), geometry, xla_weight_grad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, w: jax.Array, geometry: Geometry, xla_weight_grad: bool) -> jax.Array:
+    return _call("fwd", _out_shape(x.shape, w.shape, geometry), x, w, geometry=geometry)
+
+
+def _conv_fwd(x, w, geometry, xla_weight_grad):
+    return _conv(x, w, geometry, xla_weight_grad), (x, w)
+
+
+def _conv_bwd(geometry, xla_weight_grad, res, dy):
+    x, w = res
+    dx = _call("bwd_data", x.shape, dy, w, geometry=geometry)
+    if xla_weight_grad:
+        strides, padding, dilation, groups = geometry
+        _, vjp = jax.vjp(lambda w: jax.lax.conv_general_dilated(
+            x, w, strides, padding, rhs_dilation=dilation, feature_group_count=groups,
+            dimension_numbers=("NHWC", "HWIO", "NHWC")), w)
+        (dw,) = vjp(dy)
+    else:
+        dw = _call("bwd_weights", w.shape, x, dy, geometry=geometry)
+    return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def implementation(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], geometry: Geometry) -> str:
+    """oneDNN's implementation name for one pass ('fwd', 'bwd_data', 'bwd_weights'), e.g. 'brgconv:avx2'.
+    A name starting with 'ref' is oneDNN's slow reference loop."""
+    lib = _require()
+    strides, padding, dilation, groups = geometry
+    arr = lambda v: (ctypes.c_int64 * len(v))(*[int(i) for i in v])  # noqa: E731
+    attrs = [*strides, *(p[0] for p in padding), *(p[1] for p in padding), *dilation]
+    buf = ctypes.create_string_buffer(256)
+    lib.JtkdOnednnImplInfo(list(_TARGETS).index(kind), arr(x_shape), arr(w_shape),
+                           arr(_out_shape(x_shape, w_shape, geometry)), arr(attrs), groups, buf, len(buf))
+    return buf.value.decode()
