@@ -1,4 +1,4 @@
-"""`layers.conv`, the CPU routing of convolutions to matmuls, against XLA's convolution.
+"""`layers.conv`, the CPU routing of convolutions to oneDNN and matmuls, against XLA's convolution.
 
 Values and both gradients must agree for every route (depthwise, grouped, 1x1, small maps) and the
 fallback; the routed cases must really avoid XLA's convolution, or the speed-up is gone.
@@ -40,8 +40,11 @@ def _run(fn, x, w, stride, pad, dil, groups):
     return y, grads, jax.make_jaxpr(loss)(x, w)
 
 
+@pytest.mark.parametrize("onednn", ["1", "0"])
 @pytest.mark.parametrize("case", CASES)
-def test_routes_match_xla_convolution(case):
+def test_routes_match_xla_convolution(case, onednn, monkeypatch):
+    """With oneDNN (depthwise, grouped and 1x1 go there) and without (their matmul fallbacks)."""
+    monkeypatch.setenv("JTKD_ONEDNN", onednn)
     xs, ws, stride, pad, dil, groups, routed = CASES[case]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
