@@ -270,7 +270,7 @@ def _onednn_status(device: str) -> str:
 
     if not onednn.enabled():
         return f"off ({onednn.reason() or 'JTKD_ONEDNN=0'})"
-    return "1x1 convolutions (forward, input and weight gradients)"
+    return "depthwise, grouped and 1x1 convolutions (forward, input and weight gradients)"
 
 
 def git_commit() -> str:
