@@ -9,7 +9,7 @@ gradient, on NHWC activations and HWIO kernels, read in place.
 `conv` is differentiable (custom VJP); which gradient runs where is chosen by the caller, because
 oneDNN's weight gradient on NHWC is the slow one for kernels larger than 1x1 on AVX2 machines
 (bench/FINDINGS.md). If the compiler or oneDNN is missing, `available()` is False and `reason()`
-says why; `jtkd.models.layers.conv` then keeps XLA's convolution.
+says why; `jtkd.models.layers.conv` then warns once and keeps its matmul formulations.
 """
 
 from __future__ import annotations
