@@ -263,7 +263,7 @@ def load_average() -> tuple[float, float, float] | None:
 
 
 def _onednn_status(device: str) -> str:
-    """Whether jtkd's 1x1 convolutions run on oneDNN (jtkd.models.onednn) in this run, and why not."""
+    """Which of jtkd's convolutions run on oneDNN (jtkd.models.onednn) in this run, or why none do."""
     if device != "cpu":
         return "- (CPU only)"
     from jtkd.models import onednn
