@@ -1,6 +1,8 @@
 """The data-parallel step on 4 (fake CPU) devices equals the same step on one device holding the
 whole batch: gradients are averaged once (not N times), BatchNorm statistics are synchronised."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +55,22 @@ def test_sharded_steps_equal_single_device_exactly_in_fp64():
         one, h1 = _run(1, steps=3, dtype=jnp.float64)
         four, h4 = _run(4, steps=3, dtype=jnp.float64)
     _assert_same(one, four, h1, h4, 1e-10)
+
+
+def test_one_device_step_has_no_gradient_all_reduce():
+    # On one device the sum over devices is the identity, but XLA:CPU still runs an all-reduce as a copy
+    # of every gradient; only BatchNorm's per-channel statistics and the metrics may remain.
+    mesh = train.make_mesh(1)
+    model = models.create("resnet18", num_classes=5, axis_name=train.AXIS)
+    variables = models.init(model, jax.random.key(0), 32)
+    state = train.replicate(mesh, train.TrainState.create(model.apply, variables, optax.sgd(0.01)))
+    batch = train.shard_batch(mesh, {"image": np.zeros((2, 32, 32, 3), np.float32), "label": np.zeros(2, np.int32)})
+    hlo = train.make_train_step(mesh, train.classification_loss()).lower(state, batch).compile().as_text()
+    reduced = [
+        int(np.prod([int(d) for d in dims.split(",") if d]))
+        for line in hlo.splitlines() if " all-reduce(" in line
+        for dims in re.findall(r"f32\[([\d,]*)\]", line.split(" all-reduce(")[0])
+    ]
+    largest_channel_count = 512
+    assert reduced, "expected BatchNorm's statistics to be all-reduced"
+    assert max(reduced) <= largest_channel_count, max(reduced)
