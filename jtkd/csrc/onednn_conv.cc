@@ -23,6 +23,16 @@ namespace {
 
 enum class Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
+// oneDNN's argument keys for the activation, kernel and output-side buffers of each Kind.
+struct ArgKeys {
+  int src, wei, dst;
+};
+constexpr ArgKeys kArgKeys[] = {
+    {DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST},            // kForward
+    {DNNL_ARG_DIFF_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_DST},  // kBackwardData
+    {DNNL_ARG_SRC, DNNL_ARG_DIFF_WEIGHTS, DNNL_ARG_DIFF_DST},  // kBackwardWeights
+};
+
 struct Geometry {
   memory::dims src, wei, dst;  // logical oneDNN dims (N C H W / [G] O I H W)
   memory::dims wei_strides;    // HWIO (grouped: H W I G O) as strides
@@ -183,26 +193,13 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* wei,
     if (e->reorder_wei && kind != Kind::kBackwardWeights) {
       reorder(user_wei, wei_m);
     }
-    switch (kind) {
-      case Kind::kForward:
-        e->prim.execute(stream, {{DNNL_ARG_SRC, src_m},
-                                 {DNNL_ARG_WEIGHTS, wei_m},
-                                 {DNNL_ARG_DST, dst_m},
-                                 {DNNL_ARG_SCRATCHPAD, scratch}});
-        break;
-      case Kind::kBackwardData:
-        e->prim.execute(stream, {{DNNL_ARG_DIFF_SRC, src_m},
-                                 {DNNL_ARG_WEIGHTS, wei_m},
-                                 {DNNL_ARG_DIFF_DST, dst_m},
-                                 {DNNL_ARG_SCRATCHPAD, scratch}});
-        break;
-      case Kind::kBackwardWeights:
-        e->prim.execute(stream, {{DNNL_ARG_SRC, src_m},
-                                 {DNNL_ARG_DIFF_WEIGHTS, wei_m},
-                                 {DNNL_ARG_DIFF_DST, dst_m},
-                                 {DNNL_ARG_SCRATCHPAD, scratch}});
-        if (e->reorder_wei) reorder(wei_m, user_wei);
-        break;
+    const ArgKeys& keys = kArgKeys[static_cast<int>(kind)];
+    e->prim.execute(stream, {{keys.src, src_m},
+                             {keys.wei, wei_m},
+                             {keys.dst, dst_m},
+                             {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (e->reorder_wei && kind == Kind::kBackwardWeights) {
+      reorder(wei_m, user_wei);
     }
     stream.wait();
   } catch (const dnnl::error& err) {

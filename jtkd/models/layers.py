@@ -37,10 +37,6 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 _SMALL_MAP = 64
 
 
-def _out_size(n: int, k: int, s: int, pad: Sequence[int], d: int) -> int:
-    return (n + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1
-
-
 def _cpu_routing() -> bool:
     """Whether to use jtkd's CPU formulations of convolution and pooling (`JTKD_CONV=xla`: never)."""
     return jax.default_backend() == "cpu" and os.environ.get("JTKD_CONV", "auto") != "xla"
@@ -50,8 +46,8 @@ def _shifted_slices(x: jax.Array, kernel: tuple[int, int], strides: Sequence[int
                     padding: Sequence[tuple[int, int]], dilation: Sequence[int], pad_value: float = 0.0) -> list[jax.Array]:
     """The kh*kw strided windows of the padded NHWC input, each of the output's spatial shape."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
-    ho = _out_size(x.shape[1], kh, sh, padding[0], dh)
-    wo = _out_size(x.shape[2], kw, sw, padding[1], dw)
+    ho = onednn.conv_out_size(x.shape[1], kh, sh, padding[0], dh)
+    wo = onednn.conv_out_size(x.shape[2], kw, sw, padding[1], dw)
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)), constant_values=pad_value)
     n, c = x.shape[0], x.shape[3]
     return [
@@ -118,8 +114,8 @@ def conv(
         return sum(col * rhs[i // kw_, i % kw_, 0] for i, col in enumerate(windows(lhs)))
     g = feature_group_count
     n, h, w, _ = lhs.shape
-    ho = _out_size(h, kh, window_strides[0], padding[0], dilation[0])
-    wo = _out_size(w, kw_, window_strides[1], padding[1], dilation[1])
+    ho = onednn.conv_out_size(h, kh, window_strides[0], padding[0], dilation[0])
+    wo = onednn.conv_out_size(w, kw_, window_strides[1], padding[1], dilation[1])
     if g > 1:  # grouped (ResNeXt, RegNet): one batched matmul, groups leading so only x and y are transposed
         xg = lhs.reshape(n, h, w, g, cin).transpose(3, 0, 1, 2, 4).reshape(g * n, h, w, cin)
         patches = jnp.concatenate(windows(xg), axis=-1).reshape(g, n * ho * wo, kh * kw_ * cin)

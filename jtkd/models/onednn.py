@@ -145,12 +145,17 @@ def _attrs(geometry: Geometry) -> dict:
                 dilation=i64(dilation), groups=np.int64(groups))
 
 
+def conv_out_size(n: int, k: int, s: int, pad: Sequence[int], d: int) -> int:
+    """Output length of a convolution over `n` with kernel `k`, stride `s`, padding (lo, hi), dilation `d`."""
+    return (n + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1
+
+
 def _out_shape(x_shape: Sequence[int], w_shape: Sequence[int], geometry: Geometry) -> tuple[int, ...]:
     strides, padding, dilation, _ = geometry
     n, h, w, _ = x_shape
     kh, kw, _, o = w_shape
-    size = lambda i, k, s, p, d: (i + p[0] + p[1] - d * (k - 1) - 1) // s + 1  # noqa: E731
-    return (n, size(h, kh, strides[0], padding[0], dilation[0]), size(w, kw, strides[1], padding[1], dilation[1]), o)
+    return (n, conv_out_size(h, kh, strides[0], padding[0], dilation[0]),
+            conv_out_size(w, kw, strides[1], padding[1], dilation[1]), o)
 
 
 def _call(target: str, shape: Sequence[int], *operands: jax.Array, geometry: Geometry) -> jax.Array:
