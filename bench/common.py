@@ -283,6 +283,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _malloc_status(device: str) -> str:
+    """What `use_cpu_flags` did to malloc; it applies to both frameworks, which share the process."""
+    if device != "cpu" or os.environ.get("JTKD_XLA_FLAGS", "1") == "0":
+        return "glibc defaults"
+    from jtkd.xla_flags import keep_freed_memory
+
+    applied = keep_freed_memory()  # idempotent: reports whether use_cpu_flags could apply it
+    return ("keeps freed memory: one arena, no mmap'd blocks, no trimming (jtkd.xla_flags.keep_freed_memory), "
+            "for torch too" if applied else "glibc defaults")
+
+
 def machine_info(device: str) -> dict[str, Any]:
     import flax
     import jax
@@ -307,6 +318,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jtkd_onednn": _onednn_status(device),
+        "malloc": _malloc_status(device),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "device": device,
         "git": git_commit(),

@@ -49,6 +49,7 @@ def _machine(res: dict[str, Any]) -> list[str]:
         ["threads", f"torch intra-op {m['torch_threads']} (set to the core count), inter-op {m['torch_interop_threads']}, OMP_WAIT_POLICY {m.get('omp_wait_policy', 'default')}; XLA CPU: one device, Eigen pool over all cores"],
         ["XLA_FLAGS", f"`{m['xla_flags']}`" if m["xla_flags"] else "(none)"],
         ["jtkd oneDNN convolutions", m.get("jtkd_onednn", "- (not recorded)")],
+        ["malloc", m.get("malloc", "- (not recorded)")],
         ["torch CUDA device", m.get("torch_cuda_device", "-") + (" (TF32 allowed for torch matmuls and convs, as JAX's default precision does)" if m.get("torch_cuda_device") else "")],
         ["git / date", f"{m['git']} / {m['date']}"],
         ["bench wall time", f"{res.get('elapsed_s', 0) / 60:.1f} min"],
