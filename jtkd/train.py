@@ -7,7 +7,7 @@ devices and multi-host runs (`jax.distributed.initialize()` before building the 
 
 The gradient of a replicated parameter under `shard_map` (check_vma=True) is already summed over
 the axis, so each device differentiates `local_mean_loss / axis_size`: the sum is the global mean.
-A one-device mesh runs unchecked, which skips that sum: there it is a copy of every gradient.
+A one-device mesh runs unchecked, without that sum, which XLA:CPU would run as a copy of every gradient.
 """
 
 from __future__ import annotations
