@@ -41,6 +41,12 @@ def omp_wait_policy(requested: str) -> str:
     return requested.upper() if requested != "default" else "default"
 
 
+def jtkd_cpu_settings(device: str) -> bool:
+    """Whether this run applies jtkd's CPU settings (`jtkd.xla_flags.use_cpu_flags`); JTKD_XLA_FLAGS=0
+    keeps XLA's and glibc's defaults, for comparison."""
+    return device == "cpu" and os.environ.get("JTKD_XLA_FLAGS", "1") != "0"
+
+
 def setup_process(device: str, omp_wait: str = "auto") -> str:
     """Environment a bench process needs before jax/torch are imported; returns the OpenMP wait
     policy in force (see omp_wait_policy).
@@ -48,7 +54,7 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
     torch is imported before anything can pull in tensorflow (triton segfault otherwise), and on
     `cpu` JAX is pinned to the host platform with exactly one (real) CPU device: XLA's intra-op
     thread pool then spans every core, as torch's does. jtkd's CPU flags (`jtkd.xla_flags`) are
-    applied as jtkd's own entry points apply them; JTKD_XLA_FLAGS=0 keeps XLA's defaults.
+    applied as jtkd's own entry points apply them; JTKD_XLA_FLAGS=0 keeps XLA's and glibc's defaults.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     policy = os.environ.get("OMP_WAIT_POLICY") or omp_wait_policy(omp_wait)
@@ -62,7 +68,7 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" in flags:  # e.g. inherited from the test suite
             os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
-        if os.environ.get("JTKD_XLA_FLAGS", "1") != "0":  # JTKD_XLA_FLAGS=0: XLA's defaults, for comparison
+        if jtkd_cpu_settings(device):
             from jtkd.xla_flags import use_cpu_flags
 
             use_cpu_flags()
@@ -285,7 +291,7 @@ def git_commit() -> str:
 
 def _malloc_status(device: str) -> str:
     """What `use_cpu_flags` did to malloc; it applies to both frameworks, which share the process."""
-    if device != "cpu" or os.environ.get("JTKD_XLA_FLAGS", "1") == "0":
+    if not jtkd_cpu_settings(device):
         return "glibc defaults"
     from jtkd.xla_flags import keep_freed_memory
 
