@@ -80,6 +80,8 @@ def setup_process(device: str, omp_wait: str = "auto") -> str:
         # Ampere+; torch allows it for cuDNN convolutions but not for matmuls. Same rule on both sides.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # XLA autotunes its convolution algorithms at compile time; cuDNN's equivalent is opt-in
+        torch.backends.cudnn.benchmark = True
     return policy
 
 

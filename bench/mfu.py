@@ -1,10 +1,13 @@
 """Model FLOPs utilisation: a train step's achieved FLOP/s over the machine's peak.
 
-Model FLOPs per step: 3x the forward pass as XLA counts it on the unoptimised HLO (the usual MFU
-convention: backward = 2x forward), see `bench.train_step.model_flops`. Also listed: XLA's count of
-the compiled step (what XLA executes, elementwise work included; more than the model needs where
-XLA rewrites an op expensively, e.g. depthwise weight gradients) and torch's FlopCounterMode count
-(matmuls and convolutions only; it also overcounts depthwise gradients). The same model FLOPs divide
+Model FLOPs per step: 3x the forward pass as XLA counts it on the unoptimised HLO with plain XLA
+convolutions (the usual MFU convention: backward = 2x forward), see `bench.train_step.model_flops`;
+XLA skips the multiply-adds that fall on padding, so at 64 px this is about 0.8x torch's count. Also
+listed: XLA's count of the compiled step on the CPU (what XLA executes, elementwise work included;
+more than the model needs where XLA rewrites an op expensively, e.g. depthwise weight gradients;
+none of the work inside oneDNN custom calls; not reported on GPU, where cuDNN and cuBLAS calls hide
+nearly all of it) and torch's FlopCounterMode count (matmuls and convolutions only; it also
+overcounts depthwise gradients). The same model FLOPs divide
 both frameworks' step times, so their MFUs compare.
 
 Two peaks are reported:
@@ -94,7 +97,7 @@ def matmul_peak(n: int, device: str, repeats: int) -> dict[str, Any]:
         res["jax_flops_per_cpu_s"] = flops / statistics.median(t["jax"].cpu)
         res["torch_flops_per_cpu_s"] = flops / statistics.median(t["torch"].cpu)
     if device == "gpu":
-        res["note"] = "JAX's default fp32 matmul precision on GPU may use TF32; torch's does not unless enabled"
+        res["note"] = "TF32 tensor cores on both sides: JAX's default fp32 precision, and allowed for torch by the bench"
     return res
 
 
@@ -121,7 +124,8 @@ def utilisation(train_results: list[dict[str, Any]], peaks: dict[str, Any]) -> l
         }
         for name, c in case["contenders"].items():
             achieved = flops / c["step_s_median"]
-            per_cpu_s = flops / c["cpu_s_per_step_median"] if c.get("cpu_s_per_step_median") else None
+            # host CPU seconds say nothing about an accelerator's utilisation
+            per_cpu_s = flops / c["cpu_s_per_step_median"] if nominal and c.get("cpu_s_per_step_median") else None
             row["contenders"][name] = {
                 "gflops_per_s": achieved / 1e9,
                 "mfu_nominal": achieved / nominal if nominal else None,

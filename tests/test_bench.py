@@ -77,9 +77,8 @@ def test_tiny_pipeline_conversion_mfu(tiny):
     assert 0 < c["cold_cpu_s"] and 0 < c["warm_cpu_s"]
 
     (m,) = res["mfu"]
-    # ResNet has no op XLA rewrites expensively: 3x forward ~= XLA's count of the compiled step, and
-    # torch (matmuls/convs only) counts the same order of magnitude
-    assert m["model_gflops_per_step"] == pytest.approx(m["xla_gflops_per_step"], rel=0.1)
+    # torch counts the multiply-adds on padding, XLA not: at 64 px about 0.8x (model_flops' docstring)
+    assert 0.7 < m["model_gflops_per_step"] / m["torch_counted_gflops_per_step"] < 1.05
     assert 0.3 < m["xla_gflops_per_step"] / m["torch_counted_gflops_per_step"] < 3
     assert all(0 < v["mfu_practical"] and 0 < v["mfu_nominal"] < 1 for v in m["contenders"].values())
     assert _positive(res["peaks"]["matmul"]["flops_per_s"])
@@ -159,3 +158,43 @@ def test_conv_routes_times_xla_jtkd_and_torch():
     rows = investigate.conv_routes(cases, repeats=1)
     assert [r["routed"] for r in rows] == [True, False]  # 81 output pixels > the small-map limit
     assert all(r["xla_cpu_s"] > 0 and r["jtkd_cpu_s"] > 0 and r["torch_cpu_s"] > 0 for r in rows)
+
+
+def test_model_flops_count_every_convolution():
+    """3x the forward pass, whatever `layers.conv` routes to oneDNN custom calls (XLA cannot count
+    those): resnet50 at 224 px, where padding is a small share, agrees with torch's count."""
+    import torch
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.train_step import model_flops
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        torchvision.models.resnet50(num_classes=10)(torch.zeros(2, 3, 224, 224))
+    ours = model_flops("resnet50", 224, 2)
+    assert ours == pytest.approx(3 * counter.get_total_flops(), rel=0.03)
+
+
+def _run(device, cpu, train, **suites):
+    return {"config": {"device": device}, "command": f"python -m bench {cpu}", "preset": {}, "elapsed_s": 1.0,
+            "machine": {"cpu": {"model": cpu}, "torch_cuda_device": None}, "train": train, **suites}
+
+
+def _case(model, ips, flops=1e9):
+    return {"model": model, "size": 64, "batch": 2, "model_flops_per_step": flops,
+            "contenders": {"jax": {"step_s_median": 2 / ips, "items_per_s": ips}}}
+
+
+def test_merge_keeps_every_case_and_the_latest_of_each():
+    from bench.report import merge
+
+    peaks = {"nominal": None, "matmul": {"flops_per_s": 1e10}}
+    a = _run("gpu", "X", [_case("resnet18", 10.0), _case("resnet50", 5.0)])
+    b = _run("gpu", "X", [_case("resnet18", 20.0)], peaks=peaks, distill={"ratio": {"torch_eager": 1.5}})
+    m = merge([a, b])
+    assert [(c["model"], c["contenders"]["jax"]["items_per_s"]) for c in m["train"]] == [("resnet18", 20.0), ("resnet50", 5.0)]
+    assert m["distill"] == b["distill"] and m["commands"] == [a["command"], b["command"]]
+    assert [r["contenders"]["jax"]["mfu_practical"] for r in m["mfu"]] == pytest.approx([1.0, 0.25])
+    assert m["mfu"][0]["contenders"]["jax"]["gflops_per_cpu_s"] is None  # no nominal peak: an accelerator
+    with pytest.raises(ValueError, match="different machines"):
+        merge([a, _run("gpu", "Y", [])])

@@ -39,3 +39,14 @@ def test_eval_logits_match_torchvision(name):
     assert row["features"] >= 1
     rel, tol = row["max_rel_feature_diff"], parity.feature_rtol(spec.atol)
     assert rel <= tol, f"{name}: feature {row['worst_feature']!r} differs by {rel:.3e} relative to its scale (> {tol})"
+
+
+def test_parity_markdown_names_where_rows_were_measured(tmp_path):
+    from converters.parity import write_markdown
+
+    row = {"model": "resnet18", "family": "resnet", "params_m": 11.2, "input": "2x97x131", "max_abs_logit_diff": 2e-6,
+           "max_abs_logit": 1.0, "atol": 1e-4, "argmax_equal": True, "convert_s": 0.5, "first_divergence": None}
+    bad = {**row, "model": "resnet34", "max_abs_logit_diff": 1e-3}
+    write_markdown([row, bad], str(tmp_path / "P.md"), ["vgg11"], where="JAX on a GPU")
+    md = (tmp_path / "P.md").read_text()
+    assert "1/2 within tolerance. JAX on a GPU." in md and "Not measured in this generation (1): vgg11" in md
