@@ -7,7 +7,7 @@
 
 Suites: train (fine-tuning step), distill (teacher + student step), pipeline (input images/s),
 conversion (convert time and peak memory, subprocess per model), mfu (peaks, FLOP utilisation).
-results.json is rewritten after every suite, so an interrupted run keeps what it measured.
+results.json is rewritten after every suite and every train case, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["peaks"] = mfu.run(preset.matmul_n, cfg.device, r)
                 bar.update(r)
             elif suite == "train":
-                results["train"] = train_step.run(preset, cfg.device, cfg.compile, bar)
+                def keep(cases: list[dict[str, Any]]) -> None:
+                    results["train"] = cases
+                    save()
+
+                results["train"] = train_step.run(preset, cfg.device, cfg.compile, bar, on_case=keep)
             elif suite == "distill":
                 results["distill"] = distill.run(preset, cfg.device, bar)
             elif suite == "pipeline":

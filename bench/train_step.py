@@ -273,8 +273,11 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
     return {k: c["jax"]["items_per_s"] / v["items_per_s"] for k, v in c.items() if k != "jax"}
 
 
-def run(preset: Preset, device: str, compile_mode: str, progress: Any = None) -> list[dict[str, Any]]:
-    results = []
+def run(preset: Preset, device: str, compile_mode: str, progress: Any = None,
+        on_case: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every train case of the preset; `on_case(results so far)` after each, so a caller can save
+    them and a run cut short keeps its finished cases."""
+    results: list[dict[str, Any]] = []
     for case in preset.train:
         compile_ = {"auto": case.compile, "all": True, "none": False}[compile_mode]
         try:
@@ -285,6 +288,8 @@ def run(preset: Preset, device: str, compile_mode: str, progress: Any = None) ->
             progress.update(preset.repeats)  # keep the bar's total honest for skipped cases
         res["ratio"] = ratios(res)
         results.append(res)
+        if on_case is not None:
+            on_case(results)
     return results
 
 

@@ -198,3 +198,17 @@ def test_merge_keeps_every_case_and_the_latest_of_each():
     assert m["mfu"][0]["contenders"]["jax"]["gflops_per_cpu_s"] is None  # no nominal peak: an accelerator
     with pytest.raises(ValueError, match="different machines"):
         merge([a, _run("gpu", "Y", [])])
+
+
+def test_train_cases_are_handed_over_one_by_one():
+    """`on_case` sees every finished case at once, so `python -m bench` saves them as it goes."""
+    import dataclasses
+
+    from bench import train_step
+
+    cases = (common.TrainCase("no_such_model", 64, 2), common.TrainCase("resnet18", 8, 2))  # both skipped
+    preset = dataclasses.replace(common.PRESETS["tiny"], train=cases)
+    seen = []
+    out = train_step.run(preset, "cpu", "none", on_case=lambda r: seen.append([c["model"] for c in r]))
+    assert seen == [["no_such_model"], ["no_such_model", "resnet18"]]
+    assert all("skipped" in c for c in out)
