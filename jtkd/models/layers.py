@@ -376,11 +376,22 @@ def stochastic_depth(mod: nn.Module, x: jax.Array, p: float, train: bool) -> jax
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-gelu = partial(jax.nn.gelu, approximate=False)  # torch.nn.GELU() is exact
+def gelu(x: jax.Array) -> jax.Array:
+    """`torch.nn.GELU()`, the exact one: x * Phi(x) with Phi(x) = (1 + erf(x / sqrt(2))) / 2, the form
+    torch evaluates. `jax.nn.gelu(approximate=False)` uses erfc instead, which XLA:CPU expands with an
+    exp: forward + backward 9.1 ms against 4.8 ms here at vit_b_16's 4x197x3072 (torch: 5.8 ms)."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))  # Python floats keep x's dtype
+
+
 relu6 = jax.nn.relu6
 hardswish = jax.nn.hard_swish
-hardsigmoid = lambda x: jnp.clip(x / 6.0 + 0.5, 0.0, 1.0)  # noqa: E731  torch: relu6(x + 3) / 6
 silu = jax.nn.silu
+
+
+def hardsigmoid(x: jax.Array) -> jax.Array:
+    """`torch.nn.Hardsigmoid`: relu6(x + 3) / 6, with torch's gradient at the kinks (0 at x = +-3,
+    where `jnp.clip` would give half the slope)."""
+    return jnp.where(x <= -3.0, 0.0, jnp.where(x >= 3.0, 1.0, x / 6.0 + 0.5)).astype(x.dtype)
 
 
 FEATURE_PREFIX = "feature:"
