@@ -187,9 +187,9 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     if not runs:
         raise ValueError("merge needs at least one results.json")
-    gpus = {str(r["machine"].get("torch_cuda_device")) for r in runs}
-    if len(gpus) > 1 or len({r["machine"]["cpu"]["model"] for r in runs}) > 1:
-        raise ValueError(f"refusing to merge runs of different machines: {sorted(gpus)}")
+    machines = {(r["machine"]["cpu"]["model"], str(r["machine"].get("torch_cuda_device"))) for r in runs}
+    if len(machines) > 1:
+        raise ValueError(f"refusing to merge runs of different machines (CPU, GPU): {sorted(machines)}")
     out = {**runs[-1], "commands": [r["command"] for r in runs], "load_average_start": runs[0].get("load_average_start")}
     cases: dict[tuple, dict[str, Any]] = {}
     for r in runs:

@@ -11,7 +11,6 @@ ahead of time so compilation is timed on its own and XLA's FLOP count of the ste
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -99,7 +98,7 @@ def model_flops(name: str, size: int, batch: int) -> float | None:
     XLA:CPU computes a depthwise convolution's weight gradient as a dense C x C convolution (C times
     the work), and work inside library custom calls (jtkd's oneDNN convolutions, cuDNN, cuBLAS) is not
     counted at all. The forward pass is therefore counted on the unoptimised HLO
-    (`Lowered.cost_analysis`) of plain XLA convolutions (`JTKD_CONV=xla`), lowered for the CPU on every
+    (`Lowered.cost_analysis`) of plain XLA convolutions (`layers.xla_operations`), lowered for the CPU on every
     machine: the GPU's cost analysis counts almost nothing of a program before compilation.
     """
     import jax
@@ -107,21 +106,17 @@ def model_flops(name: str, size: int, batch: int) -> float | None:
 
     from jtkd import models
 
-    saved = os.environ.get("JTKD_CONV")
-    os.environ["JTKD_CONV"] = "xla"  # read while tracing: no oneDNN custom calls, no rewritten convolutions
+    from jtkd.models import layers
+
     try:
-        module = models.create(name, num_classes=NUM_CLASSES)
-        variables = jax.eval_shape(lambda: models.init(module, jax.random.key(0), size))
-        x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-        fwd = jax.jit(lambda v, x: module.apply(v, x, train=False))
-        ca = fwd.trace(variables, x).lower(lowering_platforms=("cpu",)).cost_analysis()
+        with layers.xla_operations():  # no oneDNN custom calls, no rewritten convolutions
+            module = models.create(name, num_classes=NUM_CLASSES)
+            variables = jax.eval_shape(lambda: models.init(module, jax.random.key(0), size))
+            x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+            fwd = jax.jit(lambda v, x: module.apply(v, x, train=False))
+            ca = fwd.trace(variables, x).lower(lowering_platforms=("cpu",)).cost_analysis()
     except Exception:  # noqa: BLE001 - best effort: the MFU table then uses XLA's step count
         return None
-    finally:
-        if saved is None:
-            os.environ.pop("JTKD_CONV", None)
-        else:
-            os.environ["JTKD_CONV"] = saved
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else {}
     return 3.0 * float(ca["flops"]) if ca and "flops" in ca else None

@@ -67,6 +67,9 @@ def test_xla_switch_and_other_backends_use_xla(monkeypatch):
     monkeypatch.setenv("JTKD_CONV", "xla")
     assert "conv_general_dilated" in str(jax.make_jaxpr(lambda: layers.conv(*args, **kw))())
     monkeypatch.delenv("JTKD_CONV")
+    with layers.xla_operations():  # the same for what is traced inside, and only that
+        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda: layers.conv(*args, **kw))())
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda: layers.conv(*args, **kw))())
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "conv_general_dilated" in str(jax.make_jaxpr(lambda: layers.conv(*args, **kw))())
 

@@ -8,10 +8,12 @@ input size, and the NCHW flatten order in front of fully connected classifiers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -37,9 +39,25 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 _SMALL_MAP = 64
 
 
+_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("jtkd_xla_only", default=False)
+
+
+@contextlib.contextmanager
+def xla_operations() -> Iterator[None]:
+    """Models traced inside use XLA's own convolution and pooling on every backend, as `JTKD_CONV=xla`
+    does for the process: e.g. to count a model's FLOPs, which XLA cannot see inside oneDNN calls."""
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
+
+
 def _cpu_routing() -> bool:
-    """Whether to use jtkd's CPU formulations of convolution and pooling (`JTKD_CONV=xla`: never)."""
-    return jax.default_backend() == "cpu" and os.environ.get("JTKD_CONV", "auto") != "xla"
+    """Whether to use jtkd's CPU formulations of convolution and pooling (`JTKD_CONV=xla` or
+    `xla_operations()`: never)."""
+    return (jax.default_backend() == "cpu" and os.environ.get("JTKD_CONV", "auto") != "xla"
+            and not _XLA_ONLY.get())
 
 
 def _shifted_slices(x: jax.Array, kernel: tuple[int, int], strides: Sequence[int],
