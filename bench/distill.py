@@ -21,7 +21,7 @@ TEMPERATURE = 4.0
 ALPHA = 0.9
 
 
-def torch_distill_step(teacher: Any, student: Any, x: Any, y: Any) -> Any:
+def torch_distill_step(teacher: Any, student: Any, x: Any, y: Any, dtype: str = "float32") -> Any:
     import torch
     import torch.nn.functional as F
 
@@ -29,9 +29,11 @@ def torch_distill_step(teacher: Any, student: Any, x: Any, y: Any) -> Any:
     teacher.eval()
 
     def step() -> Any:
-        with torch.no_grad():
-            t_logits = teacher(x)
-        s_logits = student(x)
+        with ts.torch_autocast(x, dtype):
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+        t_logits, s_logits = t_logits.float(), s_logits.float()  # the loss in float32, as jtkd's
         kl = F.kl_div(F.log_softmax(s_logits / TEMPERATURE, -1), F.softmax(t_logits / TEMPERATURE, -1), reduction="batchmean")
         loss = ALPHA * TEMPERATURE**2 * kl + (1 - ALPHA) * F.cross_entropy(s_logits, y)
         opt.zero_grad(set_to_none=True)
@@ -42,7 +44,7 @@ def torch_distill_step(teacher: Any, student: Any, x: Any, y: Any) -> Any:
     return step
 
 
-def run(preset: Preset, device: str, progress: Any = None) -> dict[str, Any]:
+def run(preset: Preset, device: str, progress: Any = None, dtype: str = "float32") -> dict[str, Any]:
     import jax
     import optax
     import torch
@@ -64,11 +66,12 @@ def run(preset: Preset, device: str, progress: Any = None) -> dict[str, Any]:
         s_torch = ts.torch_model(student_name, seed=2)
 
         mesh = train.make_mesh(1)
-        teacher = models.create(teacher_name, num_classes=ts.NUM_CLASSES)
+        teacher = models.create(teacher_name, num_classes=ts.NUM_CLASSES, dtype=ts.jax_dtype(dtype))
         t_vars_host = jax.tree.map(np.asarray, ts.jax_variables_from_torch(teacher_name, t_torch))
         objective = jd.make_objective(jd.DistillConfig(method="kd", ce_weight=1 - ALPHA, weights=(ALPHA,), temperature=TEMPERATURE))
         student = jd.build_student(
-            models.create(student_name, num_classes=ts.NUM_CLASSES, axis_name=train.AXIS), objective, [teacher], [t_vars_host], size
+            models.create(student_name, num_classes=ts.NUM_CLASSES, axis_name=train.AXIS, dtype=ts.jax_dtype(dtype)), objective,
+            [teacher], [t_vars_host], size
         )
         s_vars = jax.tree.map(np.asarray, ts.jax_variables_from_torch(student_name, s_torch))
         tx = optax.sgd(ts.LR, momentum=ts.MOMENTUM)
@@ -84,7 +87,7 @@ def run(preset: Preset, device: str, progress: Any = None) -> dict[str, Any]:
         runners["jax"], losses["jax"] = ts.jax_runner(compiled, state, batch, extra)
         x = torch.from_numpy(np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2))).to(tdev)
         y = torch.from_numpy(batch_np["label"].astype(np.int64)).to(tdev)
-        runners["torch_eager"], losses["torch_eager"] = ts.torch_runner(torch_distill_step(t_torch.to(tdev), s_torch.to(tdev).train(), x, y), tdev)
+        runners["torch_eager"], losses["torch_eager"] = ts.torch_runner(torch_distill_step(t_torch.to(tdev), s_torch.to(tdev).train(), x, y, dtype), tdev)
         first, first_loss = {}, {}
         for name, runner in runners.items():
             _, first[name] = timed(lambda r=runner: r(1))

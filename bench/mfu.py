@@ -62,8 +62,9 @@ def nominal_peak() -> dict[str, Any]:
     }
 
 
-def matmul_peak(n: int, device: str, repeats: int) -> dict[str, Any]:
-    """Achieved FLOP/s of an n x n fp32 matmul in XLA and in torch, timed interleaved."""
+def matmul_peak(n: int, device: str, repeats: int, dtype: str = "float32") -> dict[str, Any]:
+    """Achieved FLOP/s of an n x n matmul (fp32, or bf16 with `dtype`) in XLA and in torch, timed
+    interleaved."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -71,9 +72,10 @@ def matmul_peak(n: int, device: str, repeats: int) -> dict[str, Any]:
     tdev = "cuda" if device == "gpu" else "cpu"
     rng = np.random.default_rng(0)
     a_np, b_np = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+    jdt, tdt = (jnp.bfloat16, torch.bfloat16) if dtype == "bfloat16" else (jnp.float32, torch.float32)
+    a, b = jnp.asarray(a_np, jdt), jnp.asarray(b_np, jdt)
     mm = jax.jit(lambda x, y: x @ y)
-    ta, tb = torch.from_numpy(a_np).to(tdev), torch.from_numpy(b_np).to(tdev)
+    ta, tb = torch.from_numpy(a_np).to(tdev, tdt), torch.from_numpy(b_np).to(tdev, tdt)
 
     def run_jax(k: int) -> None:
         for _ in range(k):
@@ -89,20 +91,20 @@ def matmul_peak(n: int, device: str, repeats: int) -> dict[str, Any]:
 
     t: dict[str, Timing] = interleaved({"jax": run_jax, "torch": run_torch}, warmup=1, repeats=repeats, steps=1)
     flops = 2.0 * n**3
-    res = {"n": n, "jax_flops_per_s": flops / t["jax"].median, "torch_flops_per_s": flops / t["torch"].median}
+    res = {"n": n, "dtype": dtype, "jax_flops_per_s": flops / t["jax"].median, "torch_flops_per_s": flops / t["torch"].median}
     res["flops_per_s"] = max(res["jax_flops_per_s"], res["torch_flops_per_s"])
     if device == "cpu":  # per CPU-second: what one busy core achieves, whatever share of the machine we got
         import statistics
 
         res["jax_flops_per_cpu_s"] = flops / statistics.median(t["jax"].cpu)
         res["torch_flops_per_cpu_s"] = flops / statistics.median(t["torch"].cpu)
-    if device == "gpu":
+    if device == "gpu" and dtype == "float32":
         res["note"] = "TF32 tensor cores on both sides: JAX's default fp32 precision, and allowed for torch by the bench"
     return res
 
 
-def run(n: int, device: str, repeats: int) -> dict[str, Any]:
-    return {"nominal": nominal_peak() if device == "cpu" else None, "matmul": matmul_peak(n, device, repeats)}
+def run(n: int, device: str, repeats: int, dtype: str = "float32") -> dict[str, Any]:
+    return {"nominal": nominal_peak() if device == "cpu" else None, "matmul": matmul_peak(n, device, repeats, dtype)}
 
 
 def utilisation(train_results: list[dict[str, Any]], peaks: dict[str, Any]) -> list[dict[str, Any]]:

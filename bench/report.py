@@ -51,10 +51,18 @@ def _machine(res: dict[str, Any]) -> list[str]:
         ["jtkd oneDNN convolutions", m.get("jtkd_onednn", "- (not recorded)")],
         ["malloc", m.get("malloc", "- (not recorded)")],
         ["torch CUDA device", m.get("torch_cuda_device", "-") + (" (TF32 allowed for torch matmuls and convs, as JAX's default precision does)" if m.get("torch_cuda_device") else "")],
+        ["precision", _precision(res)],
         ["git / date", f"{m['git']} / {m['date']}"],
         ["bench wall time", f"{res.get('elapsed_s', 0) / 60:.1f} min"],
     ]
     return _table(["", ""], rows)
+
+
+def _precision(res: dict[str, Any]) -> str:
+    if res["config"].get("dtype", "float32") == "bfloat16":
+        return ("bfloat16 compute, float32 parameters, BatchNorm statistics and loss: jtkd `dtype=bfloat16`, "
+                "torch `autocast(dtype=bfloat16)`")
+    return "float32" + (" (TF32 tensor cores for matmuls and convolutions)" if res["config"].get("device") == "gpu" else "")
 
 
 def _load(la: Any) -> str:
@@ -144,7 +152,7 @@ def _mfu(res: dict[str, Any]) -> list[str]:
     if nom and nom.get("flops_per_s"):
         out.append(f"- nominal peak: {nom['cores']} cores x {nom['ghz']:.2f} GHz x {nom['flops_per_cycle_per_core']} FLOP/cycle "
                    f"= **{nom['flops_per_s'] / 1e9:.0f} GFLOP/s** fp32 (assumption: {nom['assumption']})")
-    out.append(f"- practical peak: {mm['n']}x{mm['n']} fp32 matmul, XLA {mm['jax_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+    out.append(f"- practical peak: {mm['n']}x{mm['n']} {'bf16' if mm.get('dtype') == 'bfloat16' else 'fp32'} matmul, XLA {mm['jax_flops_per_s'] / 1e9:.0f} GFLOP/s, "
                f"torch {mm['torch_flops_per_s'] / 1e9:.0f} GFLOP/s -> **{mm['flops_per_s'] / 1e9:.0f} GFLOP/s**" + (f" ({mm['note']})" if mm.get("note") else ""))
     if mm.get("jax_flops_per_cpu_s"):
         out.append(f"- per CPU-second (load-independent): matmul XLA {mm['jax_flops_per_cpu_s'] / 1e9:.0f}, torch "
@@ -187,9 +195,10 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     if not runs:
         raise ValueError("merge needs at least one results.json")
-    machines = {(r["machine"]["cpu"]["model"], str(r["machine"].get("torch_cuda_device"))) for r in runs}
-    if len(machines) > 1:
-        raise ValueError(f"refusing to merge runs of different machines (CPU, GPU): {sorted(machines)}")
+    setups = {(r["machine"]["cpu"]["model"], str(r["machine"].get("torch_cuda_device")), r["config"].get("dtype", "float32"))
+              for r in runs}
+    if len(setups) > 1:
+        raise ValueError(f"refusing to merge runs of different machines or precisions (CPU, GPU, dtype): {sorted(setups)}")
     out = {**runs[-1], "commands": [r["command"] for r in runs], "load_average_start": runs[0].get("load_average_start")}
     cases: dict[tuple, dict[str, Any]] = {}
     for r in runs:

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import PRESETS, REPO, TrainCase, load_average, machine_info, setup_process
+from bench.train_step import DTYPES
 
 SUITES = ("mfu", "train", "distill", "pipeline", "conversion")
 
@@ -38,6 +39,7 @@ class BenchConfig:
     repeats: int | None = None  # override the preset's timed rounds
     out: str = os.path.join(REPO, "bench")  # where RESULTS.md, results.json, results.png go
     omp_wait: str = "auto"  # torch's OpenMP wait policy: auto | active | passive | default (bench.common.omp_wait_policy)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (jtkd's dtype=bfloat16 against torch.autocast)
 
     def __post_init__(self) -> None:
         if self.size not in PRESETS:
@@ -51,6 +53,8 @@ class BenchConfig:
             raise ValueError(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
         if self.omp_wait not in ("auto", "active", "passive", "default"):
             raise ValueError(f"--omp-wait must be auto, active, passive or default, got {self.omp_wait!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.repeats is not None and self.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
 
@@ -67,10 +71,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--out", default=d.out)
     p.add_argument("--omp-wait", default=d.omp_wait, choices=["auto", "active", "passive", "default"],
                    help="torch's OpenMP wait policy; auto = passive when the load average exceeds twice the cores")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
+                   help="compute dtype: bfloat16 times jtkd's mixed precision against torch.autocast (parameters stay float32)")
     a = p.parse_args(argv)
     return BenchConfig(
         size=a.size, device=a.device, only=tuple(s for s in a.only.split(",") if s),
         models=tuple(m for m in a.models.split(",") if m), compile=a.compile, repeats=a.repeats, out=a.out, omp_wait=a.omp_wait,
+        dtype=a.dtype,
     )
 
 
@@ -86,6 +93,8 @@ def command_line(cfg: BenchConfig) -> str:
         parts.append(f"--repeats {cfg.repeats}")
     if cfg.omp_wait != "auto":
         parts.append(f"--omp-wait {cfg.omp_wait}")
+    if cfg.dtype != "float32":
+        parts.append(f"--dtype {cfg.dtype}")
     return " ".join(parts)
 
 
@@ -132,16 +141,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(suite)
             t0 = time.time()
             if suite == "mfu":
-                results["peaks"] = mfu.run(preset.matmul_n, cfg.device, r)
+                results["peaks"] = mfu.run(preset.matmul_n, cfg.device, r, cfg.dtype)
                 bar.update(r)
             elif suite == "train":
                 def keep(cases: list[dict[str, Any]]) -> None:
                     results["train"] = cases
                     save()
 
-                results["train"] = train_step.run(preset, cfg.device, cfg.compile, bar, on_case=keep)
+                results["train"] = train_step.run(preset, cfg.device, cfg.compile, bar, on_case=keep, dtype=cfg.dtype)
             elif suite == "distill":
-                results["distill"] = distill.run(preset, cfg.device, bar)
+                results["distill"] = distill.run(preset, cfg.device, bar, cfg.dtype)
             elif suite == "pipeline":
                 results["pipeline"] = pipeline.run(preset, bar)
             elif suite == "conversion":

@@ -12,6 +12,7 @@ ahead of time so compilation is timed on its own and XLA's FLOP count of the ste
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,25 @@ MOMENTUM = 0.9
 
 
 # --------------------------------------------------------------------------------------- builders
+DTYPES = ("float32", "bfloat16")
+
+
 def torch_device(device: str) -> str:
     return "cuda" if device == "gpu" else "cpu"
+
+
+def jax_dtype(dtype: str) -> Any:
+    """jtkd's compute dtype for `--dtype` (parameters, BatchNorm statistics and logits stay float32)."""
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+
+
+def torch_autocast(x: Any, dtype: str) -> Any:
+    """torch's mixed precision for `--dtype`: autocast on x's device type (a no-op context for float32)."""
+    import torch
+
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def make_batch(size: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -154,7 +172,7 @@ def torch_runner(step: Callable[[], Any], device: str) -> tuple[Runner, Callable
     return run, lambda: float(holder["loss"])
 
 
-def torch_classification_step(module: Any, x: Any, y: Any) -> Callable[[], Any]:
+def torch_classification_step(module: Any, x: Any, y: Any, dtype: str = "float32") -> Callable[[], Any]:
     import torch
     import torch.nn.functional as F
 
@@ -162,7 +180,8 @@ def torch_classification_step(module: Any, x: Any, y: Any) -> Callable[[], Any]:
 
     def step() -> Any:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(module(x), y)
+        with torch_autocast(x, dtype):
+            loss = F.cross_entropy(module(x), y)
         loss.backward()
         opt.step()
         return loss.detach()
@@ -205,7 +224,8 @@ def torch_variants(module_factory: Callable[[], Any], batch: dict[str, np.ndarra
 
 
 # -------------------------------------------------------------------------------------------- run
-def run_case(case: TrainCase, preset: Preset, device: str, compile_: bool, progress: Any = None) -> dict[str, Any]:
+def run_case(case: TrainCase, preset: Preset, device: str, compile_: bool, progress: Any = None,
+             dtype: str = "float32") -> dict[str, Any]:
     """One model/size/batch: every contender, interleaved."""
     import jax
 
@@ -222,7 +242,7 @@ def run_case(case: TrainCase, preset: Preset, device: str, compile_: bool, progr
     variables = jax_variables_from_torch(case.model, reference)
 
     mesh = train.make_mesh(1)
-    state = jax_state(case.model, variables, mesh)
+    state = jax_state(case.model, variables, mesh, dtype=jax_dtype(dtype))
     batch = train.shard_batch(mesh, batch_np)
     step = train.make_train_step(mesh, train.classification_loss())
     compiled, compile_s, xla_flops = compile_jax_step(step, state, batch, None)
@@ -235,7 +255,7 @@ def run_case(case: TrainCase, preset: Preset, device: str, compile_: bool, progr
         m.load_state_dict(reference.state_dict())
         return m.train()
 
-    tsteps, notes = torch_variants(factory, batch_np, tdev, compile_, torch_classification_step)
+    tsteps, notes = torch_variants(factory, batch_np, tdev, compile_, partial(torch_classification_step, dtype=dtype))
     out["notes"].update(notes)
     runners: dict[str, Runner] = {}
     losses: dict[str, Callable[[], float]] = {}
@@ -269,14 +289,14 @@ def ratios(case: dict[str, Any]) -> dict[str, float]:
 
 
 def run(preset: Preset, device: str, compile_mode: str, progress: Any = None,
-        on_case: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+        on_case: Callable[[list[dict[str, Any]]], None] | None = None, dtype: str = "float32") -> list[dict[str, Any]]:
     """Every train case of the preset; `on_case(results so far)` after each, so a caller can save
     them and a run cut short keeps its finished cases."""
     results: list[dict[str, Any]] = []
     for case in preset.train:
         compile_ = {"auto": case.compile, "all": True, "none": False}[compile_mode]
         try:
-            res = run_case(case, preset, device, compile_, progress)
+            res = run_case(case, preset, device, compile_, progress, dtype)
         except Exception as e:  # noqa: BLE001 - a failing benchmark is recorded, not fatal
             res = {"model": case.model, "size": case.size, "batch": case.batch, "error": short_error(e, 1000)}
         if progress is not None and not res.get("contenders"):

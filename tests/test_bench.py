@@ -198,6 +198,8 @@ def test_merge_keeps_every_case_and_the_latest_of_each():
     assert m["mfu"][0]["contenders"]["jax"]["gflops_per_cpu_s"] is None  # no nominal peak: an accelerator
     with pytest.raises(ValueError, match="different machines"):
         merge([a, _run("gpu", "Y", [])])
+    with pytest.raises(ValueError, match="precisions"):
+        merge([a, {**_run("gpu", "X", []), "config": {"device": "gpu", "dtype": "bfloat16"}}])
 
 
 def test_train_cases_are_handed_over_one_by_one():
@@ -212,3 +214,22 @@ def test_train_cases_are_handed_over_one_by_one():
     out = train_step.run(preset, "cpu", "none", on_case=lambda r: seen.append([c["model"] for c in r]))
     assert seen == [["no_such_model"], ["no_such_model", "resnet18"]]
     assert all("skipped" in c for c in out)
+
+
+def test_bfloat16_case_times_mixed_precision_on_both_sides(tiny):
+    """--dtype bfloat16: jtkd computes in bf16 and torch under autocast; the same weights and batch as
+    the float32 `tiny` run give first-step losses that agree to bf16 precision, and differ from it."""
+    import dataclasses
+
+    from bench import train_step
+
+    (case,) = common.PRESETS["tiny"].train
+    preset = dataclasses.replace(common.PRESETS["tiny"], repeats=1, warmup=0)
+    f32 = tiny[0]["train"][0]["contenders"]
+    bf16 = train_step.run_case(case, preset, "cpu", False, dtype="bfloat16")["contenders"]
+    assert bf16["jax"]["first_loss"] == pytest.approx(bf16["torch_eager"]["first_loss"], rel=2e-2)
+    assert bf16["jax"]["first_loss"] != f32["jax"]["first_loss"]
+    assert bf16["torch_eager"]["first_loss"] != f32["torch_eager"]["first_loss"]
+    assert BenchConfig(dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match="--dtype"):
+        BenchConfig(dtype="float16")
