@@ -66,11 +66,11 @@ def run(preset: Preset, device: str, progress: Any = None, dtype: str = "float32
         s_torch = ts.torch_model(student_name, seed=2)
 
         mesh = train.make_mesh(1)
-        teacher = models.create(teacher_name, num_classes=ts.NUM_CLASSES, dtype=ts.jax_dtype(dtype))
+        teacher = models.create(teacher_name, num_classes=ts.NUM_CLASSES, dtype=jax.numpy.dtype(dtype))
         t_vars_host = jax.tree.map(np.asarray, ts.jax_variables_from_torch(teacher_name, t_torch))
         objective = jd.make_objective(jd.DistillConfig(method="kd", ce_weight=1 - ALPHA, weights=(ALPHA,), temperature=TEMPERATURE))
         student = jd.build_student(
-            models.create(student_name, num_classes=ts.NUM_CLASSES, axis_name=train.AXIS, dtype=ts.jax_dtype(dtype)), objective,
+            models.create(student_name, num_classes=ts.NUM_CLASSES, axis_name=train.AXIS, dtype=jax.numpy.dtype(dtype)), objective,
             [teacher], [t_vars_host], size
         )
         s_vars = jax.tree.map(np.asarray, ts.jax_variables_from_torch(student_name, s_torch))

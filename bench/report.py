@@ -50,7 +50,7 @@ def _machine(res: dict[str, Any]) -> list[str]:
         ["XLA_FLAGS", f"`{m['xla_flags']}`" if m["xla_flags"] else "(none)"],
         ["jtkd oneDNN convolutions", m.get("jtkd_onednn", "- (not recorded)")],
         ["malloc", m.get("malloc", "- (not recorded)")],
-        ["torch CUDA device", m.get("torch_cuda_device", "-") + (" (TF32 allowed for torch matmuls and convs, as JAX's default precision does)" if m.get("torch_cuda_device") else "")],
+        ["torch CUDA device", m.get("torch_cuda_device", "-")],
         ["precision", _precision(res)],
         ["git / date", f"{m['git']} / {m['date']}"],
         ["bench wall time", f"{res.get('elapsed_s', 0) / 60:.1f} min"],
@@ -62,7 +62,8 @@ def _precision(res: dict[str, Any]) -> str:
     if res["config"].get("dtype", "float32") == "bfloat16":
         return ("bfloat16 compute, float32 parameters, BatchNorm statistics and loss: jtkd `dtype=bfloat16`, "
                 "torch `autocast(dtype=bfloat16)`")
-    return "float32" + (" (TF32 tensor cores for matmuls and convolutions)" if res["config"].get("device") == "gpu" else "")
+    return "float32" + (" (TF32 tensor cores for matmuls and convolutions: JAX's default precision, allowed for torch "
+                        "by the bench)" if res["config"].get("device") == "gpu" else "")
 
 
 def _load(la: Any) -> str:

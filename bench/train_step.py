@@ -32,13 +32,6 @@ def torch_device(device: str) -> str:
     return "cuda" if device == "gpu" else "cpu"
 
 
-def jax_dtype(dtype: str) -> Any:
-    """jtkd's compute dtype for `--dtype` (parameters, BatchNorm statistics and logits stay float32)."""
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-
-
 def torch_autocast(x: Any, dtype: str) -> Any:
     """torch's mixed precision for `--dtype`: autocast on x's device type (a no-op context for float32)."""
     import torch
@@ -123,7 +116,6 @@ def model_flops(name: str, size: int, batch: int) -> float | None:
     import jax.numpy as jnp
 
     from jtkd import models
-
     from jtkd.models import layers
 
     try:
@@ -242,7 +234,7 @@ def run_case(case: TrainCase, preset: Preset, device: str, compile_: bool, progr
     variables = jax_variables_from_torch(case.model, reference)
 
     mesh = train.make_mesh(1)
-    state = jax_state(case.model, variables, mesh, dtype=jax_dtype(dtype))
+    state = jax_state(case.model, variables, mesh, dtype=jax.numpy.dtype(dtype))
     batch = train.shard_batch(mesh, batch_np)
     step = train.make_train_step(mesh, train.classification_loss())
     compiled, compile_s, xla_flops = compile_jax_step(step, state, batch, None)
