@@ -1,4 +1,4 @@
-"""`jtkd.models.onednn`: oneDNN convolutions as XLA FFI calls, against XLA's convolution.
+"""`jtkd.models.onednn`: oneDNN convolutions and batched matmuls as XLA FFI calls, against XLA's.
 
 The extension is a dependency on Linux x86-64 (pyproject), so these tests build it and fail, not
 skip, when it cannot be built.
@@ -138,3 +138,73 @@ def test_build_is_cached(monkeypatch, tmp_path):
     assert first.parent == tmp_path / "jtkd" and first.is_file()
     stamp = first.stat().st_mtime_ns
     assert onednn._build() == first and first.stat().st_mtime_ns == stamp
+
+
+def _matmul_operands(transpose_a, transpose_b, batch=(2, 3), m=5, k=7, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((*batch, k, m) if transpose_a else (*batch, m, k))
+    b = rng.standard_normal((*batch, n, k) if transpose_b else (*batch, k, n))
+    return jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+
+
+def _reference_matmul(a, b, transpose_a, transpose_b):
+    a = jnp.swapaxes(a, -1, -2) if transpose_a else a
+    return jnp.matmul(a, jnp.swapaxes(b, -1, -2) if transpose_b else b, precision="highest")
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_batched_matmul_values_and_gradients_match_xla(transpose_a, transpose_b):
+    a, b = _matmul_operands(transpose_a, transpose_b)
+    mine = functools.partial(layers.batched_matmul, transpose_a=transpose_a, transpose_b=transpose_b)
+    ref = functools.partial(_reference_matmul, transpose_a=transpose_a, transpose_b=transpose_b)
+    assert "jtkd_onednn_matmul" in jax.jit(mine).lower(a, b).as_text()
+    out = jax.jit(mine)(a, b)
+    assert out.shape == (2, 3, 5, 4)
+    np.testing.assert_allclose(out, ref(a, b), atol=1e-5, rtol=1e-5)
+    grads = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1)))(a, b)
+    ref_grads = jax.grad(functools.partial(_loss, ref), argnums=(0, 1))(a, b)
+    for name, g, r in zip(("a", "b"), grads, ref_grads):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"gradient of {name}")
+
+
+def test_batched_matmul_falls_back_to_xla_when_off_or_not_float32(monkeypatch):
+    a, b = _matmul_operands(False, True)
+    assert "jtkd_onednn_matmul" not in jax.jit(
+        lambda a, b: layers.batched_matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), transpose_b=True)
+    ).lower(a, b).as_text()
+    with layers.xla_operations():
+        assert "jtkd_onednn" not in jax.jit(lambda a, b: layers.batched_matmul(a, b, transpose_b=True)).lower(a, b).as_text()
+    monkeypatch.setenv("JTKD_ONEDNN", "0")
+    off = jax.jit(lambda a, b: layers.batched_matmul(a, b, transpose_b=True))
+    assert "jtkd_onednn" not in off.lower(a, b).as_text()
+    np.testing.assert_allclose(off(a, b), _reference_matmul(a, b, False, True), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch axes differ"):
+        layers.batched_matmul(a, b[:1], transpose_b=True)
+
+
+def test_batched_matmul_sharded_gradient_equals_single_device(four_devices):
+    """A replicated operand's gradient is summed over the devices exactly once, as for XLA's dot."""
+    a, b = _matmul_operands(False, True, batch=(4,), seed=2)
+    b = b[:1]  # one (n, k) matrix, replicated; each device holds one batch element of a
+    loss = functools.partial(_loss, functools.partial(onednn.matmul, transpose_b=True))
+
+    def local(a, b):
+        return jax.lax.psum(loss(a, b), AXIS)
+
+    sharded = jax.jit(jax.shard_map(jax.grad(local, argnums=1), mesh=make_mesh(4), in_specs=(P(AXIS), P()),
+                                    out_specs=P()))
+    expected = sum(jax.grad(loss, argnums=1)(a[i : i + 1], b) for i in range(4))
+    np.testing.assert_allclose(sharded(a, b), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_shapes_get_optimised_matmul_kernels():
+    """vit_b_16's (48 x 197x64) and swin_t's (768 x 49x32) attention products, forward and backward."""
+    for batch, n, d in [(48, 197, 64), (768, 49, 32)]:
+        for a_shape, b_shape, ta, tb in [((batch, n, d), (batch, n, d), False, True),  # q k^T
+                                         ((batch, n, n), (batch, n, d), False, False),  # p v, ds k
+                                         ((batch, n, n), (batch, n, d), True, False)]:  # p^T dv, ds^T q
+            impl = onednn.matmul_implementation(a_shape, b_shape, ta, tb)
+            assert impl and not impl.startswith(("ref", "error")), (a_shape, b_shape, ta, tb, impl)
+

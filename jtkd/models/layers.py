@@ -152,6 +152,20 @@ def conv(
     return jnp.dot(patches, rhs.reshape(kh * kw_ * cin, cout), precision=precision)
 
 
+def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) over matching leading batch axes; op swaps the last two axes when asked.
+
+    On the CPU in float32 this is oneDNN's batched matmul, reading transposed operands in place:
+    XLA:CPU runs attention's small batched dots (48 x 197x64x197 in vit_b_16) at about half its
+    speed and copies a transposed operand first (bench/FINDINGS.md)."""
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"batched_matmul: batch axes differ, {a.shape} and {b.shape}")
+    if _cpu_routing() and a.dtype == b.dtype == jnp.float32 and onednn.enabled():
+        out = onednn.matmul(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), transpose_a, transpose_b)
+        return out.reshape(*a.shape[:-2], *out.shape[-2:])
+    return jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, jnp.swapaxes(b, -1, -2) if transpose_b else b)
+
+
 def Conv2d(
     features: int,
     kernel_size: int | Sequence[int],

@@ -106,9 +106,9 @@ class RelativePositionalMultiHeadAttention(layers.TorchModel):
         )
         n = s * s
         bias = table.astype(self.dtype)[relative_position_index(s, s)].reshape(n, n, h).transpose(2, 0, 1)[None]
-        attn = jnp.einsum("bghid,bghjd->bghij", q, k) + bias
+        attn = layers.batched_matmul(q, k, transpose_b=True) + bias
         attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bghij,bghjd->bghid", attn, v).transpose(0, 1, 3, 2, 4).reshape(b, g, p, d)
+        out = layers.batched_matmul(attn, v).transpose(0, 1, 3, 2, 4).reshape(b, g, p, d)
         return self.linear(d, kernel_init=_normal02, name="merge")(out)
 
 

@@ -1,10 +1,11 @@
-"""oneDNN convolutions on XLA:CPU, as XLA FFI custom calls (`jtkd/csrc/onednn_conv.cc`).
+"""oneDNN convolutions and batched matmuls on XLA:CPU, as XLA FFI custom calls (`jtkd/csrc/onednn.cc`).
 
 jaxlib's XLA:CPU ships no oneDNN convolution. This module compiles a small FFI library against
 the oneDNN of the `onednn-cpu-gomp` wheel (headers from `onednn-devel-cpu-gomp`) with the system
 C++ compiler on first use, caches the shared object under `~/.cache/jtkd` (keyed by a hash of the
-source, jaxlib and oneDNN), and registers its three handlers: forward, input gradient, weight
-gradient, on NHWC activations and HWIO kernels, read in place.
+source, jaxlib and oneDNN), and registers its handlers: convolution forward, input gradient and
+weight gradient on NHWC activations and HWIO kernels, and a batched matmul whose operands may be
+transposed, all read in place.
 
 `conv` is differentiable (custom VJP); which gradient runs where is chosen by the caller, because
 oneDNN's weight gradient on NHWC is the slow one for kernels larger than 1x1 on AVX2 machines
@@ -26,14 +27,16 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "onednn_conv.cc"
-_TARGETS = {"fwd": "JtkdOnednnConvForward", "bwd_data": "JtkdOnednnConvBackwardData",
-            "bwd_weights": "JtkdOnednnConvBackwardWeights"}
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "onednn.cc"
+_CONV_PASSES = {"fwd": "JtkdOnednnConvForward", "bwd_data": "JtkdOnednnConvBackwardData",
+                "bwd_weights": "JtkdOnednnConvBackwardWeights"}
+_TARGETS = {**{f"conv_{k}": v for k, v in _CONV_PASSES.items()}, "matmul": "JtkdOnednnMatmul"}
 
 
 class OneDNNUnavailable(RuntimeError):
@@ -66,7 +69,7 @@ def _build() -> Path:
 
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), str(lib.resolve()).encode(),
                                      sys.version.encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"onednn_conv-{key}.so"
+    out = _cache_dir() / f"onednn-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,11 +95,14 @@ def _library() -> ctypes.CDLL | OneDNNUnavailable:
     except OSError as err:  # a broken cached build or a oneDNN that fails to load
         return OneDNNUnavailable(f"loading the oneDNN extension failed: {err}")
     for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(f"jtkd_onednn_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
+        jax.ffi.register_ffi_target(f"jtkd_onednn_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
     p = ctypes.POINTER(ctypes.c_int64)
     lib.JtkdOnednnImplInfo.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64]
     lib.JtkdOnednnImplInfo.restype = ctypes.c_int64
+    i64 = ctypes.c_int64
+    lib.JtkdOnednnMatmulImplInfo.argtypes = [i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, i64]
+    lib.JtkdOnednnMatmulImplInfo.restype = i64
     return lib
 
 
@@ -158,11 +164,11 @@ def _out_shape(x_shape: Sequence[int], w_shape: Sequence[int], geometry: Geometr
             conv_out_size(w, kw, strides[1], padding[1], dilation[1]), o)
 
 
-def _call(target: str, shape: Sequence[int], *operands: jax.Array, geometry: Geometry) -> jax.Array:
+def _call(target: str, shape: Sequence[int], *operands: jax.Array, **attrs: Any) -> jax.Array:
     """One FFI call; under shard_map its result varies over the axes its operands vary over."""
     _require()
-    out = jax.ffi.ffi_call(f"jtkd_onednn_conv_{target}", jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                           vmap_method="sequential")(*operands, **_attrs(geometry))
+    out = jax.ffi.ffi_call(f"jtkd_onednn_{target}", jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
+                           vmap_method="sequential")(*operands, **attrs)
     axes = _varying(*operands)  # ffi_call results carry no shard_map type of their own
     return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
 
@@ -189,7 +195,7 @@ def conv(x: jax.Array, w: jax.Array, geometry: Geometry, xla_weight_grad: bool =
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x: jax.Array, w: jax.Array, geometry: Geometry, xla_weight_grad: bool) -> jax.Array:
-    return _call("fwd", _out_shape(x.shape, w.shape, geometry), x, w, geometry=geometry)
+    return _call("conv_fwd", _out_shape(x.shape, w.shape, geometry), x, w, **_attrs(geometry))
 
 
 def _conv_fwd(x, w, geometry, xla_weight_grad):
@@ -198,7 +204,7 @@ def _conv_fwd(x, w, geometry, xla_weight_grad):
 
 def _conv_bwd(geometry, xla_weight_grad, res, dy):
     x, w = res
-    dx = _call("bwd_data", x.shape, dy, w, geometry=geometry)
+    dx = _call("conv_bwd_data", x.shape, dy, w, **_attrs(geometry))
     if xla_weight_grad:
         strides, padding, dilation, groups = geometry
         _, vjp = jax.vjp(lambda w: jax.lax.conv_general_dilated(
@@ -206,11 +212,39 @@ def _conv_bwd(geometry, xla_weight_grad, res, dy):
             dimension_numbers=("NHWC", "HWIO", "NHWC")), w)
         (dw,) = vjp(dy)
     else:
-        dw = _call("bwd_weights", w.shape, x, dy, geometry=geometry)
+        dw = _call("conv_bwd_weights", w.shape, x, dy, **_attrs(geometry))
     return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+    """Batched float32 matmul by oneDNN, op(a) @ op(b) for a: (batch, m, k) and b: (batch, k, n), where
+    op transposes the last two axes when asked; transposed operands are read in place."""
+    return _matmul(*_match_varying(a, b), transpose_a, transpose_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+    m = a.shape[2] if transpose_a else a.shape[1]
+    n = b.shape[1] if transpose_b else b.shape[2]
+    return _call("matmul", (a.shape[0], m, n), a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def _matmul_fwd(a, b, transpose_a, transpose_b):
+    return _matmul(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _matmul_bwd(transpose_a, transpose_b, res, dc):
+    # c = op(a) op(b): d op(a) = dc op(b)^T and d op(b) = op(a)^T dc, each stored back as a / b are.
+    a, b = res
+    da = _matmul(b, dc, transpose_b, True) if transpose_a else _matmul(dc, b, False, not transpose_b)
+    db = _matmul(dc, a, True, transpose_a) if transpose_b else _matmul(a, dc, not transpose_a, False)
+    return da, db
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def implementation(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], geometry: Geometry) -> str:
@@ -221,6 +255,16 @@ def implementation(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], ge
     arr = lambda v: (ctypes.c_int64 * len(v))(*[int(i) for i in v])  # noqa: E731
     attrs = [*strides, *(p[0] for p in padding), *(p[1] for p in padding), *dilation]
     buf = ctypes.create_string_buffer(256)
-    lib.JtkdOnednnImplInfo(list(_TARGETS).index(kind), arr(x_shape), arr(w_shape),
+    lib.JtkdOnednnImplInfo(list(_CONV_PASSES).index(kind), arr(x_shape), arr(w_shape),
                            arr(_out_shape(x_shape, w_shape, geometry)), arr(attrs), groups, buf, len(buf))
+    return buf.value.decode()
+
+
+def matmul_implementation(a_shape: Sequence[int], b_shape: Sequence[int], transpose_a: bool = False,
+                          transpose_b: bool = False) -> str:
+    """oneDNN's implementation name for `matmul` on these (batch, rows, cols) operands, e.g. 'brg_matmul:avx2'."""
+    lib = _require()
+    buf = ctypes.create_string_buffer(256)
+    lib.JtkdOnednnMatmulImplInfo(*(int(v) for v in (*a_shape, *b_shape[1:])), int(transpose_a), int(transpose_b),
+                                 buf, len(buf))
     return buf.value.decode()

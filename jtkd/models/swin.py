@@ -113,13 +113,13 @@ class ShiftedWindowAttention(layers.TorchModel):
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B*nW, nH, N, hd)
         if self.v2:
             normalize = lambda t: t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-            attn = normalize(q) @ jnp.swapaxes(normalize(k), -2, -1)
+            attn = layers.batched_matmul(normalize(q), normalize(k), transpose_b=True)
             logit_scale = self.param(
                 "logit_scale", lambda _, s: jnp.full(s, math.log(10.0), jnp.float32), (nh, 1, 1)
             )
             attn = attn * jnp.exp(jnp.minimum(logit_scale, math.log(100.0))).astype(self.dtype)
         else:
-            attn = (q * (c // nh) ** -0.5) @ jnp.swapaxes(k, -2, -1)
+            attn = layers.batched_matmul(q * (c // nh) ** -0.5, k, transpose_b=True)
         attn = attn + self._position_bias()
         if sum(shift) > 0:
             mask = jnp.asarray(shift_mask(ph, pw, self.window_size, shift), self.dtype)
@@ -127,7 +127,7 @@ class ShiftedWindowAttention(layers.TorchModel):
         attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
         attn = layers.dropout(self, attn, self.attention_dropout, train)
 
-        x = jnp.swapaxes(attn @ v, 1, 2).reshape(b * nwin, n, c)
+        x = jnp.swapaxes(layers.batched_matmul(attn, v), 1, 2).reshape(b * nwin, n, c)
         x = self.linear(c, kernel_init=_trunc02, name="proj")(x)
         x = layers.dropout(self, x, self.dropout, train)
         x = x.reshape(b, ph // wh, pw // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)

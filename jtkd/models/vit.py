@@ -42,12 +42,14 @@ class MultiheadAttention(nn.Module):
         h = self.num_heads
         w = self.param("in_proj_weight", _xavier, (3 * d, d), jnp.float32).astype(self.dtype)
         bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,), jnp.float32).astype(self.dtype)
-        qkv = (x @ w.T + bias).reshape(b, n, 3, h, d // h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, hd)
+        # Head-major (3, b, h, n, hd): each head's q, k, v contiguous for the batched matmuls.
+        qkv = (x @ w.T + bias).reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         q = q * (1.0 / math.sqrt(d // h))
-        attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32), axis=-1).astype(self.dtype)
+        scores = layers.batched_matmul(q, k, transpose_b=True)
+        attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         attn = layers.dropout(self, attn, self.attention_dropout, train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+        out = layers.batched_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
         return layers.Linear(d, dtype=self.dtype, name="out_proj")(out)
 
 

@@ -1,5 +1,6 @@
-// oneDNN convolutions for XLA:CPU through the XLA FFI: forward, input gradient
-// and weight gradient on NHWC activations and HWIO kernels (Flax's layouts).
+// oneDNN for XLA:CPU through the XLA FFI: convolutions (forward, input
+// gradient and weight gradient on NHWC activations and HWIO kernels, Flax's
+// layouts) and batched matmuls with transposed operands read in place.
 //
 // XLA:CPU's own convolutions are 1.2-1.3x slower than oneDNN's on ResNet
 // shapes, and its weight gradients need transposed copies of the activations
@@ -119,19 +120,24 @@ std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
   return e;
 }
 
-std::shared_ptr<Entry> Get(Kind kind, const Geometry& g) {
+// Primitives are built once per key and shared (building JITs kernels, so it
+// runs outside the lock; a race builds twice and keeps the first).
+template <typename T, typename Build>
+std::shared_ptr<T> Cached(const std::string& key, Build build) {
   static std::mutex mu;
-  static auto* cache =
-      new std::unordered_map<std::string, std::shared_ptr<Entry>>();
-  const std::string key = Key(kind, g);
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<T>>();
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache->find(key);
     if (it != cache->end()) return it->second;
   }
-  auto e = Build(kind, g);  // outside the lock: building JITs kernels
+  std::shared_ptr<T> e = build();
   std::lock_guard<std::mutex> lock(mu);
   return cache->emplace(key, e).first->second;
+}
+
+std::shared_ptr<Entry> Get(Kind kind, const Geometry& g) {
+  return Cached<Entry>(Key(kind, g), [&] { return Build(kind, g); });
 }
 
 // x: N H W C, kernel: KH KW C/G O, y: N OH OW O.
@@ -241,6 +247,69 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
              dy.typed_data());
 }
 
+// Batched matmul C[b] = op(A[b]) op(B[b]), op = transpose or not, read in
+// place through strides. XLA:CPU runs small batched dots (attention: 48 x
+// 197x64x197) at about half of oneDNN's speed, and copies a transposed operand
+// first (bench/FINDINGS.md).
+struct MatmulEntry {
+  dnnl::matmul prim;
+  memory::desc a_md, b_md, c_md, scratch_md;
+  std::string impl;
+};
+
+// a: batch x rows x cols as stored; `trans` says the logical operand is its transpose.
+memory::desc OperandDesc(int64_t batch, int64_t rows, int64_t cols, bool trans) {
+  const auto f32 = memory::data_type::f32;
+  if (!trans) return memory::desc({batch, rows, cols}, f32, {rows * cols, cols, 1});
+  return memory::desc({batch, cols, rows}, f32, {rows * cols, 1, cols});
+}
+
+std::shared_ptr<MatmulEntry> GetMatmul(int64_t batch, int64_t a_rows, int64_t a_cols,
+                                       int64_t b_rows, int64_t b_cols, bool ta, bool tb) {
+  std::string key;
+  for (int64_t v : {batch, a_rows, a_cols, b_rows, b_cols, int64_t{ta}, int64_t{tb}})
+    key += std::to_string(v) + ',';
+  return Cached<MatmulEntry>(key, [&] {
+    auto e = std::make_shared<MatmulEntry>();
+    e->a_md = OperandDesc(batch, a_rows, a_cols, ta);
+    e->b_md = OperandDesc(batch, b_rows, b_cols, tb);
+    const int64_t m = ta ? a_cols : a_rows, n = tb ? b_rows : b_cols;
+    e->c_md = memory::desc({batch, m, n}, memory::data_type::f32, {m * n, n, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // see Build()
+    dnnl::matmul::primitive_desc pd(Engine(), e->a_md, e->b_md, e->c_md, attr);
+    e->prim = dnnl::matmul(pd);
+    e->scratch_md = pd.scratchpad_desc();
+    e->impl = pd.impl_info_str();
+    return e;
+  });
+}
+
+ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                  ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 3 || bd.size() != 3 || cd.size() != 3 || ad[0] != bd[0] ||
+      (transpose_a ? ad[1] : ad[2]) != (transpose_b ? bd[2] : bd[1]) ||
+      cd[0] != ad[0] || cd[1] != (transpose_a ? ad[2] : ad[1]) ||
+      cd[2] != (transpose_b ? bd[1] : bd[2])) {
+    return ffi::Error::InvalidArgument(
+        "jtkd oneDNN matmul: expected batch x m x k, batch x k x n operands");
+  }
+  try {
+    auto e = GetMatmul(ad[0], ad[1], ad[2], bd[1], bd[2], transpose_a, transpose_b);
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory am(e->a_md, eng, a.typed_data()), bm(e->b_md, eng, b.typed_data());
+    memory cm(e->c_md, eng, c->typed_data()), scratch(e->scratch_md, eng);
+    e->prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm},
+                             {DNNL_ARG_DST, cm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("jtkd oneDNN matmul: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Every handler: two f32 operands, one f32 result, the convolution's geometry.
@@ -261,6 +330,32 @@ JTKD_DEFINE_HANDLER(JtkdOnednnConvForward, Forward)
 JTKD_DEFINE_HANDLER(JtkdOnednnConvBackwardData, BackwardData)
 JTKD_DEFINE_HANDLER(JtkdOnednnConvBackwardWeights, BackwardWeights)
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdOnednnMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+namespace {
+// Writes `impl()` (or the oneDNN error it throws) NUL-terminated into `out`;
+// returns the length written.
+template <typename F>
+int64_t WriteImplInfo(F impl, char* out, int64_t out_size) {
+  std::string s;
+  try {
+    s = impl();
+  } catch (const dnnl::error& err) {
+    s = std::string("error: ") + err.what();
+  }
+  const int64_t n = std::min<int64_t>(s.size(), out_size - 1);
+  std::copy(s.begin(), s.begin() + n, out);
+  out[n] = '\0';
+  return n;
+}
+}  // namespace
+
 // Which oneDNN implementation a geometry gets ("ref" would be slow): for
 // tests and the bench. Returns the length written (without the NUL).
 extern "C" int64_t JtkdOnednnImplInfo(int kind, const int64_t* x,
@@ -273,18 +368,24 @@ extern "C" int64_t JtkdOnednnImplInfo(int kind, const int64_t* x,
   auto g = MakeGeometry(span(x, 4), span(k, 4), span(y, 4), span(attrs, 2),
                         span(attrs + 2, 2), span(attrs + 4, 2),
                         span(attrs + 6, 2), groups);
-  std::string s;
-  if (g.has_error()) {
-    s = "error: invalid geometry";
-  } else {
-    try {
-      s = Get(static_cast<Kind>(kind), *g)->impl;
-    } catch (const dnnl::error& err) {
-      s = std::string("error: ") + err.what();
-    }
-  }
-  const int64_t n = std::min<int64_t>(s.size(), out_size - 1);
-  std::copy(s.begin(), s.begin() + n, out);
-  out[n] = '\0';
-  return n;
+  return WriteImplInfo(
+      [&] {
+        return g.has_error() ? std::string("error: invalid geometry")
+                             : Get(static_cast<Kind>(kind), *g)->impl;
+      },
+      out, out_size);
+}
+
+// The same for a batched matmul.
+extern "C" int64_t JtkdOnednnMatmulImplInfo(int64_t batch, int64_t a_rows,
+                                            int64_t a_cols, int64_t b_rows,
+                                            int64_t b_cols, int transpose_a,
+                                            int transpose_b, char* out,
+                                            int64_t out_size) {
+  return WriteImplInfo(
+      [&] {
+        return GetMatmul(batch, a_rows, a_cols, b_rows, b_cols,
+                         transpose_a != 0, transpose_b != 0)->impl;
+      },
+      out, out_size);
 }
