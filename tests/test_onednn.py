@@ -182,6 +182,8 @@ def test_batched_matmul_falls_back_to_xla_when_off_or_not_float32(monkeypatch):
     np.testing.assert_allclose(off(a, b), _reference_matmul(a, b, False, True), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="batch axes differ"):
         layers.batched_matmul(a, b[:1], transpose_b=True)
+    with pytest.raises(ValueError, match="contracted axes differ"):
+        layers.batched_matmul(a, b)
 
 
 def test_batched_matmul_sharded_gradient_equals_single_device(four_devices):

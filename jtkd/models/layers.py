@@ -160,6 +160,9 @@ def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transp
     speed and copies a transposed operand first (bench/FINDINGS.md)."""
     if a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"batched_matmul: batch axes differ, {a.shape} and {b.shape}")
+    if a.shape[-2 if transpose_a else -1] != b.shape[-1 if transpose_b else -2]:
+        raise ValueError(f"batched_matmul: contracted axes differ, {a.shape} and {b.shape} "
+                         f"(transpose_a={transpose_a}, transpose_b={transpose_b})")
     if _cpu_routing() and a.dtype == b.dtype == jnp.float32 and onednn.enabled():
         out = onednn.matmul(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), transpose_a, transpose_b)
         return out.reshape(*a.shape[:-2], *out.shape[-2:])
