@@ -262,7 +262,7 @@ def implementation(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], ge
 
 def matmul_implementation(a_shape: Sequence[int], b_shape: Sequence[int], transpose_a: bool = False,
                           transpose_b: bool = False) -> str:
-    """oneDNN's implementation name for `matmul` on these (batch, rows, cols) operands, e.g. 'brg_matmul:avx2'."""
+    """oneDNN's implementation name for `matmul` on these (batch, rows, cols) operands, e.g. 'gemm:jit:f32'."""
     lib = _require()
     buf = ctypes.create_string_buffer(256)
     lib.JtkdOnednnMatmulImplInfo(*(int(v) for v in (*a_shape, *b_shape[1:])), int(transpose_a), int(transpose_b),
