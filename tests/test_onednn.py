@@ -94,19 +94,23 @@ def test_concurrent_calls_in_one_program():
             np.testing.assert_allclose(g, r, atol=3e-6 * float(jnp.abs(r).max()), rtol=1e-5)
 
 
+def _sharded_grad(loss):
+    """d(sum over 4 devices of loss(x_shard, w))/dw: x split along its first axis, w replicated."""
+
+    def local(x, w):
+        return jax.lax.psum(loss(x, w), AXIS)
+
+    return jax.jit(jax.shard_map(jax.grad(local, argnums=1), mesh=make_mesh(4), in_specs=(P(AXIS), P()),
+                                 out_specs=P()))
+
+
 def test_sharded_gradient_equals_single_device(four_devices):
     """Under shard_map a replicated kernel's gradient is summed over devices exactly once."""
     x, w = _operands("1x1_s2", seed=1)
     x = jnp.concatenate([x, x[::-1] * 0.5])  # batch 4, one example per device
     geometry = CASES["1x1_s2"][2:]
     loss = functools.partial(_loss, functools.partial(onednn.conv, geometry=geometry))
-
-    def local(x, w):
-        return jax.lax.psum(loss(x, w), AXIS)
-
-    sharded = jax.jit(jax.shard_map(jax.grad(local, argnums=1), mesh=make_mesh(4), in_specs=(P(AXIS), P()),
-                                    out_specs=P()))
-    np.testing.assert_allclose(sharded(x, w), jax.grad(loss, argnums=1)(x, w), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(_sharded_grad(loss)(x, w), jax.grad(loss, argnums=1)(x, w), atol=1e-4, rtol=1e-5)
 
 
 def test_layers_conv_routes_1x1_to_onednn_and_the_switch_turns_it_off(monkeypatch):
@@ -191,14 +195,8 @@ def test_batched_matmul_sharded_gradient_equals_single_device(four_devices):
     a, b = _matmul_operands(False, True, batch=(4,), seed=2)
     b = b[:1]  # one (n, k) matrix, replicated; each device holds one batch element of a
     loss = functools.partial(_loss, functools.partial(onednn.matmul, transpose_b=True))
-
-    def local(a, b):
-        return jax.lax.psum(loss(a, b), AXIS)
-
-    sharded = jax.jit(jax.shard_map(jax.grad(local, argnums=1), mesh=make_mesh(4), in_specs=(P(AXIS), P()),
-                                    out_specs=P()))
     expected = sum(jax.grad(loss, argnums=1)(a[i : i + 1], b) for i in range(4))
-    np.testing.assert_allclose(sharded(a, b), expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(_sharded_grad(loss)(a, b), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_shapes_get_optimised_matmul_kernels():
