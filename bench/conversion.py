@@ -17,6 +17,12 @@ Measured in the child:
 - retained_mb: resident memory growth that survives the call (the converted arrays themselves).
 - tracemalloc_peak_mb: peak of Python/numpy allocations during a call (tracemalloc sees numpy's
   buffers, not XLA's or torch's).
+- cold_gc_s, cold_full_gcs: time the cyclic garbage collector ran during the first call, and how
+  many of those runs were full (generation 2) collections. A full collection walks every Python
+  object in the process (torch's, JAX's, the user's), ~0.4 s here with torch and JAX imported; the
+  allocation counter decides when one falls, so it lands in whichever call crosses the threshold.
+  Pausing the collector during conversion only moves that pass into the next call (measured: the
+  next step's trace then pays it), so it is reported, not avoided.
 Goal (resnet50): cold_s < 1 and peak_delta < 2x the checkpoint's bytes.
 """
 
@@ -85,9 +91,22 @@ def measure(name: str, repeats: int = 3) -> dict[str, Any]:
     gc.collect()
     exact = _reset_hwm()
     rss0, peak0 = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gc_runs: list[tuple[int, float]] = []  # (generation, seconds) of each collection in the call
+    gc_start: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start.append(time.perf_counter())
+        elif gc_start:
+            gc_runs.append((info["generation"], time.perf_counter() - gc_start.pop()))
+
+    gc.callbacks.append(on_gc)
     t0, c0 = time.perf_counter(), time.process_time()
-    variables = convert(name, sd)
-    cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
+    try:
+        variables = convert(name, sd)
+    finally:
+        cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
+        gc.callbacks.remove(on_gc)
     if exact and _hwm_bytes() is not None:
         peak, bound = _hwm_bytes(), False
     else:
@@ -120,6 +139,8 @@ def measure(name: str, repeats: int = 3) -> dict[str, Any]:
         "cold_s": cold,
         "warm_s": statistics.median(warm),
         "cold_cpu_s": cold_cpu,
+        "cold_gc_s": sum(dt for _, dt in gc_runs),
+        "cold_full_gcs": sum(g == 2 for g, _ in gc_runs),
         "warm_cpu_s": statistics.median(warm_cpu),
         "peak_delta_mb": (peak - rss0) / mb,
         "peak_is_upper_bound": bound,

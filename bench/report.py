@@ -134,14 +134,18 @@ def _conversion(res: dict[str, Any]) -> list[str]:
             continue
         bound = " (upper bound)" if c["peak_is_upper_bound"] else ""
         cpu = f" ({c['cold_cpu_s']:.2f} CPU)" if "cold_cpu_s" in c else ""
+        gcs = (f"{c['cold_gc_s']:.2f} ({c['cold_full_gcs']} full)" if "cold_gc_s" in c else "-")
         wcpu = f" ({c['warm_cpu_s']:.2f} CPU)" if "warm_cpu_s" in c else ""
-        rows.append([c["model"], _f(c["checkpoint_mb"], ".1f"), _f(c["cold_s"], ".2f") + cpu, _f(c["warm_s"], ".2f") + wcpu,
+        rows.append([c["model"], _f(c["checkpoint_mb"], ".1f"), _f(c["cold_s"], ".2f") + cpu, gcs, _f(c["warm_s"], ".2f") + wcpu,
                      _f(c["peak_delta_mb"], ".1f") + bound, f"{c['peak_over_checkpoint']:.2f}x", _f(c["retained_mb"], ".1f"),
                      _f(c["tracemalloc_peak_mb"], ".1f"),
                      ("yes" if c.get("meets_goal") else "no") + (f" (CPU time: {'yes' if c['meets_goal_cpu_time'] else 'no'})" if "meets_goal_cpu_time" in c else "")])
-    header = ["model", "state_dict MB", "1st convert s (CPU s)", "later converts s (CPU s)", "peak RSS delta MB", "peak / state_dict",
+    header = ["model", "state_dict MB", "1st convert s (CPU s)", "of which garbage collection s", "later converts s (CPU s)", "peak RSS delta MB", "peak / state_dict",
               "retained MB", "tracemalloc peak MB", f"goal (<{GOAL_SECONDS:g} s, <{GOAL_MEMORY_RATIO:g}x)"]
-    return _table(header, rows) + notes + ([""] if notes else [])
+    gc_note = ["- Garbage collection: Python's cyclic collector running inside the first call; a full collection walks "
+               "every object in the process (torch's and JAX's too), and the allocation counter decides which call pays it "
+               "(see `bench/conversion.py`)."] if rows else []
+    return _table(header, rows) + gc_note + notes + [""]
 
 
 def _mfu(res: dict[str, Any]) -> list[str]:

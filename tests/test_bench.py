@@ -75,6 +75,7 @@ def test_tiny_pipeline_conversion_mfu(tiny):
     assert c["peak_delta_mb"] > 0 and _positive(c["cold_s"]) and _positive(c["warm_s"])
     assert isinstance(c["meets_goal"], bool) and isinstance(c["meets_goal_cpu_time"], bool)
     assert 0 < c["cold_cpu_s"] and 0 < c["warm_cpu_s"]
+    assert 0 <= c["cold_gc_s"] <= c["cold_s"] and c["cold_full_gcs"] >= 0
 
     (m,) = res["mfu"]
     # torch counts the multiply-adds on padding, XLA not: at 64 px about 0.8x (model_flops' docstring)

@@ -1,7 +1,8 @@
 """`layers.conv`, the CPU routing of convolutions to oneDNN and matmuls, against XLA's convolution.
 
-Values and both gradients must agree for every route (depthwise, grouped, 1x1, small maps) and the
-fallback; the routed cases must really avoid XLA's convolution, or the speed-up is gone.
+Values and both gradients must agree for every route (depthwise, grouped, 1x1, small maps, dense
+convolutions with many output rows) and the fallback; the routed cases must really avoid XLA's
+convolution in the forward pass, or the speed-up is gone.
 """
 
 import jax
@@ -13,7 +14,7 @@ from jtkd.models import layers
 
 DN = ("NHWC", "HWIO", "NHWC")
 
-# (input NHWC, kernel HWIO, stride, padding, dilation, groups, routed)
+# (input NHWC, kernel HWIO, stride, padding, dilation, groups, routed: True, False or "onednn" = only with it)
 CASES = {
     "depthwise_5x5_s2": ((2, 15, 13, 24), (5, 5, 1, 24), 2, 2, 1, 24, True),
     "depthwise_3x3_dil2": ((2, 11, 9, 16), (3, 3, 1, 16), 1, 2, 2, 16, True),
@@ -24,7 +25,10 @@ CASES = {
     "small_map_asym_kernel": ((2, 5, 4, 8), (1, 7, 8, 8), 1, (0, 3), 1, 1, True),
     "patches_4x4_s4": ((2, 17, 14, 3), (4, 4, 3, 8), 4, 0, 1, 1, True),  # rows and columns left over
     "patches_16x16_large_map": ((1, 160, 144, 3), (16, 16, 3, 12), 16, 0, 1, 1, True),
-    "large_map_3x3": ((2, 17, 15, 8), (3, 3, 8, 8), 1, 1, 1, 1, False),
+    "large_map_3x3": ((1, 17, 15, 8), (3, 3, 8, 8), 1, 1, 1, 1, False),  # 255 output rows: XLA
+    "many_rows_3x3": ((2, 17, 15, 8), (3, 3, 8, 8), 1, 1, 1, 1, "onednn"),  # 510 rows
+    "many_rows_7x7_s2_dil": ((3, 29, 27, 3), (7, 7, 3, 8), 2, 4, 2, 1, "onednn"),
+    "many_rows_small_map": ((40, 8, 8, 8), (3, 3, 8, 8), 1, 1, 1, 1, True),  # matmul without oneDNN
 }
 
 
@@ -56,7 +60,7 @@ def test_routes_match_xla_convolution(case, onednn, monkeypatch):
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5)
-    assert ("conv_general_dilated" not in str(jaxpr)) == routed
+    assert ("conv_general_dilated" not in str(jaxpr)) == (onednn == "1" if routed == "onednn" else routed)
 
 
 def test_xla_switch_and_other_backends_use_xla(monkeypatch):

@@ -70,6 +70,15 @@ def test_resnet_shapes_get_optimised_kernels():
         for kind in ("fwd", "bwd_data", "bwd_weights"):
             impl = onednn.implementation(kind, xs, ws, geometry)
             assert impl and not impl.startswith(("ref", "error")), (xs, ws, kind, impl)
+    # dense KxK convolutions: forward and input gradient only (their weight gradient is XLA's)
+    for xs, ws, stride, pad in [((8, 224, 224, 3), (7, 7, 3, 64), 2, 3), ((8, 56, 56, 64), (3, 3, 64, 64), 1, 1),
+                                ((8, 56, 56, 128), (3, 3, 128, 128), 2, 1), ((8, 7, 7, 512), (3, 3, 512, 512), 1, 1),
+                                ((8, 17, 17, 128), (1, 7, 128, 192), 1, (0, 3))]:
+        ph, pw = (pad, pad) if isinstance(pad, int) else pad
+        geometry = ((stride, stride), ((ph, ph), (pw, pw)), (1, 1), 1)
+        for kind in ("fwd", "bwd_data"):
+            impl = onednn.implementation(kind, xs, ws, geometry)
+            assert impl and not impl.startswith(("ref", "error")), (xs, ws, kind, impl)
 
 
 def test_concurrent_calls_in_one_program():

@@ -37,6 +37,9 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 # Output maps up to this many pixels run as one matmul over shifted slices on CPU (see `conv`).
 _SMALL_MAP = 64
+# Dense KxK float32 convolutions with at least this many output rows (batch x pixels) run forward and
+# input gradient on oneDNN on CPU; below it oneDNN's fixed cost loses to the matmul (bench/FINDINGS.md).
+_ONEDNN_DENSE_ROWS = 300
 
 
 _XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("jtkd_xla_only", default=False)
@@ -107,8 +110,10 @@ def conv(
     (differences at float rounding level) and 2-40x faster there, forward and backward. Depthwise,
     grouped and 1x1 float32 convolutions go to oneDNN instead (`jtkd.models.onednn`, FFI custom
     calls) where it is available, which is 2-5x faster still; the matmul formulations are the
-    fallback. Everything else, and every other backend, calls XLA's convolution. `JTKD_CONV=xla`
-    turns all of this off; `JTKD_ONEDNN=0` only the oneDNN part.
+    fallback. Dense float32 convolutions with at least `_ONEDNN_DENSE_ROWS` output rows run their
+    forward and input gradient on oneDNN too, their weight gradient on XLA. Everything else, and
+    every other backend, calls XLA's convolution. `JTKD_CONV=xla` turns all of this off;
+    `JTKD_ONEDNN=0` only the oneDNN part.
     """
     xla = partial(jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -122,11 +127,11 @@ def conv(
     kh, kw_, cin, cout = rhs.shape
     c = lhs.shape[-1]
     windows = partial(_shifted_slices, kernel=(kh, kw_), strides=window_strides, padding=padding, dilation=dilation)
-    if ((feature_group_count > 1 or kh * kw_ == 1) and lhs.dtype == rhs.dtype == jnp.float32
-            and onednn.enabled()):
+    use_onednn = lhs.dtype == rhs.dtype == jnp.float32 and onednn.enabled()
+    geometry = (tuple(window_strides), tuple(tuple(p) for p in padding), dilation, feature_group_count)
+    if use_onednn and (feature_group_count > 1 or kh * kw_ == 1):
         # oneDNN: depthwise 5x, grouped 2-5x faster than the formulations below, forward + both gradients;
         # 1x1: reads NHWC in place for the weight gradient, where XLA's dot writes a transposed copy
-        geometry = (tuple(window_strides), tuple(tuple(p) for p in padding), dilation, feature_group_count)
         return onednn.conv(lhs, rhs, geometry)
     if feature_group_count == c and cin == 1 and cout == c:  # depthwise
         return sum(col * rhs[i // kw_, i % kw_, 0] for i, col in enumerate(windows(lhs)))
@@ -145,6 +150,10 @@ def conv(
         # a reshape, not kh*kw slices: vit_b_32's 32x32 patches as 1024 slices took 25 s to compile
         x = lhs[:, : ho * kh, : wo * kw_].reshape(n, ho, kh, wo, kw_, c).transpose(0, 1, 3, 2, 4, 5)
         return jnp.dot(x.reshape(n, ho, wo, kh * kw_ * c), rhs.reshape(kh * kw_ * cin, cout), precision=precision)
+    if use_onednn and n * ho * wo >= _ONEDNN_DENSE_ROWS:
+        # forward and input gradient: oneDNN's are 1.0-1.45x XLA's on resnet's 3x3 shapes; its NHWC weight
+        # gradient is 1.5-2.5x slower than XLA's on AVX2, so that one stays with XLA
+        return onednn.conv(lhs, rhs, geometry, xla_weight_grad=True)
     if kh * kw_ > 1 and ho * wo > _SMALL_MAP:
         return xla()
     cols = windows(lhs)
