@@ -134,7 +134,7 @@ def _conversion(res: dict[str, Any]) -> list[str]:
             continue
         bound = " (upper bound)" if c["peak_is_upper_bound"] else ""
         cpu = f" ({c['cold_cpu_s']:.2f} CPU)" if "cold_cpu_s" in c else ""
-        gcs = (f"{c['cold_gc_s']:.2f} ({c['cold_full_gcs']} full)" if "cold_gc_s" in c else "-")
+        gcs = f"{c['cold_gc_s']:.2f} ({c['cold_full_gcs']} full)" if "cold_gc_s" in c else "-"
         wcpu = f" ({c['warm_cpu_s']:.2f} CPU)" if "warm_cpu_s" in c else ""
         rows.append([c["model"], _f(c["checkpoint_mb"], ".1f"), _f(c["cold_s"], ".2f") + cpu, gcs, _f(c["warm_s"], ".2f") + wcpu,
                      _f(c["peak_delta_mb"], ".1f") + bound, f"{c['peak_over_checkpoint']:.2f}x", _f(c["retained_mb"], ".1f"),

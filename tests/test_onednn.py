@@ -64,19 +64,21 @@ def test_values_and_gradients_match_xla(case, xla_weight_grad):
 
 def test_resnet_shapes_get_optimised_kernels():
     """oneDNN's 'ref' implementations are plain loops, 10-100x slower: none of these may get one."""
-    for xs, ws, stride in [((8, 56, 56, 64), (1, 1, 64, 256), 1), ((8, 56, 56, 256), (1, 1, 256, 128), 2),
-                           ((8, 7, 7, 2048), (1, 1, 2048, 512), 1), ((8, 112, 112, 16), (1, 1, 16, 64), 1)]:
-        geometry = ((stride, stride), ((0, 0), (0, 0)), (1, 1), 1)
-        for kind in ("fwd", "bwd_data", "bwd_weights"):
-            impl = onednn.implementation(kind, xs, ws, geometry)
-            assert impl and not impl.startswith(("ref", "error")), (xs, ws, kind, impl)
-    # dense KxK convolutions: forward and input gradient only (their weight gradient is XLA's)
-    for xs, ws, stride, pad in [((8, 224, 224, 3), (7, 7, 3, 64), 2, 3), ((8, 56, 56, 64), (3, 3, 64, 64), 1, 1),
-                                ((8, 56, 56, 128), (3, 3, 128, 128), 2, 1), ((8, 7, 7, 512), (3, 3, 512, 512), 1, 1),
-                                ((8, 17, 17, 128), (1, 7, 128, 192), 1, (0, 3))]:
-        ph, pw = (pad, pad) if isinstance(pad, int) else pad
+    all_three, no_weights = ("fwd", "bwd_data", "bwd_weights"), ("fwd", "bwd_data")
+    # (input, kernel, stride, (pad h, pad w), kinds): 1x1 convolutions run all three directions on
+    # oneDNN; dense KxK ones only forward and input gradient (their weight gradient is XLA's)
+    cases = [((8, 56, 56, 64), (1, 1, 64, 256), 1, (0, 0), all_three),
+             ((8, 56, 56, 256), (1, 1, 256, 128), 2, (0, 0), all_three),
+             ((8, 7, 7, 2048), (1, 1, 2048, 512), 1, (0, 0), all_three),
+             ((8, 112, 112, 16), (1, 1, 16, 64), 1, (0, 0), all_three),
+             ((8, 224, 224, 3), (7, 7, 3, 64), 2, (3, 3), no_weights),
+             ((8, 56, 56, 64), (3, 3, 64, 64), 1, (1, 1), no_weights),
+             ((8, 56, 56, 128), (3, 3, 128, 128), 2, (1, 1), no_weights),
+             ((8, 7, 7, 512), (3, 3, 512, 512), 1, (1, 1), no_weights),
+             ((8, 17, 17, 128), (1, 7, 128, 192), 1, (0, 3), no_weights)]
+    for xs, ws, stride, (ph, pw), kinds in cases:
         geometry = ((stride, stride), ((ph, ph), (pw, pw)), (1, 1), 1)
-        for kind in ("fwd", "bwd_data"):
+        for kind in kinds:
             impl = onednn.implementation(kind, xs, ws, geometry)
             assert impl and not impl.startswith(("ref", "error")), (xs, ws, kind, impl)
 
