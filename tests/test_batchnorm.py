@@ -1,4 +1,4 @@
-"""Train-mode BatchNorm and LayerNorm: their hand-written backward (layers._normalize) against torch's
+"""Train-mode BatchNorm and LayerNorm: their hand-written backward (layers._batch_norm, layers._normalize) against torch's
 autograd, and BatchNorm synchronised over a 4-device mesh against one device holding the whole batch."""
 
 import functools
@@ -53,6 +53,24 @@ def test_backward_matches_torch_autograd():
     np.testing.assert_allclose(dbias, bn.bias.grad.numpy(), atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(new_stats["mean"], bn.running_mean.numpy(), atol=1e-5, rtol=1e-6)
     np.testing.assert_allclose(new_stats["var"], bn.running_var.numpy(), atol=1e-5, rtol=1e-6)
+
+
+def test_backward_reduces_the_activations_twice():
+    """The parameter gradients reuse the input gradient's two reductions (sum g, sum g * xhat): with the
+    affine outside the custom VJP, XLA reduces each twice (bench/FINDINGS.md, eleventh session)."""
+    x, g, scale, bias = (jnp.asarray(a) for a in _data(3))
+    jaxpr = jax.make_jaxpr(lambda *a: _jax_grads(*a)[1])(x, g, scale, bias)
+
+    def full_reductions(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.shape == x.shape:
+                n += 1
+            n += sum(full_reductions(sub) for sub in jax.core.jaxprs_in_params(eqn.params))
+        return n
+
+    # the loss's sum; forward: mean and variance; backward: sum g and sum g * xhat (7 with the affine outside)
+    assert full_reductions(jaxpr.jaxpr) == 5
 
 
 def test_backward_matches_plain_autodiff_for_bf16_inputs():

@@ -248,14 +248,14 @@ class BatchNorm(nn.Module):
             n = math.prod(x.shape[:-1])
             if self.axis_name is not None:
                 n = n * jax.lax.psum(1, self.axis_name)
-            xhat, mean, var = _normalize(xf, axes, self.axis_name, self.epsilon)
+            y, mean, var = _batch_norm(xf, scale, bias, axes, self.axis_name, self.epsilon)
             mean, var = mean.reshape(c), var.reshape(c)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
                 ra_var.value = ((1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))).astype(ra_var.value.dtype)
-        else:
-            xhat = (xf - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
+            return y.astype(self.dtype)
+        xhat = (xf - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
         return (xhat * scale + bias).astype(self.dtype)
 
 
@@ -267,7 +267,8 @@ def _batch_mean(v: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> j
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _normalize(x: jax.Array, axes: tuple[int, ...], axis_name: str | None, eps: float) -> tuple[jax.Array, ...]:
     """(x - mean) / sqrt(var + eps) with (biased, two-pass) statistics over `axes` (kept as size-1 dims),
-    and those statistics: the batch's for BatchNorm (all axes but channels), each row's for LayerNorm.
+    and those statistics: each row's for LayerNorm; BatchNorm (`_batch_norm`) shares the forward over
+    all axes but channels.
 
     A custom VJP because autodiff through mean and variance costs several passes over the activations
     (and, in a transformer, lets XLA fuse the residual stream's gradient into every layer's LayerNorm
@@ -294,6 +295,55 @@ def _normalize_bwd(axes: tuple[int, ...], axis_name: str | None, eps: float, res
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, axes: tuple[int, ...], axis_name: str | None,
+                eps: float) -> tuple[jax.Array, ...]:
+    """Train-mode BatchNorm, xhat * scale + bias with xhat as in `_normalize`, and the batch statistics.
+
+    The affine is inside the custom VJP because its parameter gradients are the same two reductions
+    the input gradient needs, d(bias) = sum(g) and d(scale) = sum(g * xhat):
+        dx = scale / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat))
+    Outside, XLA reduces g and g * xhat twice each (once per parameter, once more scaled by `scale`
+    for dx): two extra passes over every BatchNorm's activations in the backward.
+    """
+    return _batch_norm_fwd(x, scale, bias, axes, axis_name, eps)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, axes, axis_name, eps):
+    (xhat, mean, var), (_, inv) = _normalize_fwd(x, axes, axis_name, eps)
+    return (xhat * scale + bias, mean, var), (xhat, inv, scale)
+
+
+def _batch_norm_bwd(axes, axis_name, eps, res, cts):
+    xhat, inv, scale = res
+    g = cts[0]
+    dbias, dscale = g.sum(axes, keepdims=True), (g * xhat).sum(axes, keepdims=True)
+    n = math.prod(g.shape[a] for a in axes)
+    mean_g, mean_gx = dbias / n, dscale / n
+    if axis_name is not None:
+        mean_g, mean_gx = jax.lax.pmean((mean_g, mean_gx), axis_name)
+    dx = (scale * inv) * (g - mean_g - xhat * mean_gx)
+    return dx, _unvary_like(dscale.reshape(scale.shape), scale), _unvary_like(dbias.reshape(scale.shape), scale)
+
+
+def _unvary_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """Sum a cotangent over the mesh axes it varies over and its primal does not: under shard_map
+    (check_vma) a replicated parameter's gradient is the sum of every device's part, which autodiff's
+    transpose of the implicit broadcast gives outside a custom VJP and the rule must give inside one."""
+    axes = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    return jax.lax.psum(ct, axes) if axes else ct
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The manual mesh axes `x` varies over (`vma`; `mat.varying` since jax 0.10)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class LayerNorm(nn.Module):
