@@ -121,7 +121,7 @@ def model_flops(name: str, size: int, batch: int) -> float | None:
     try:
         with layers.xla_operations():  # no oneDNN custom calls, no rewritten convolutions
             module = models.create(name, num_classes=NUM_CLASSES)
-            variables = jax.eval_shape(lambda: models.init(module, jax.random.key(0), size))
+            variables = models.shapes(module, size)
             x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
             fwd = jax.jit(lambda v, x: module.apply(v, x, train=False))
             ca = fwd.trace(variables, x).lower(lowering_platforms=("cpu",)).cost_analysis()

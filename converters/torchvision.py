@@ -159,7 +159,7 @@ def _template(spec: ModelSpec, module: Any) -> Mapping[tuple[str, ...], jax.Shap
 
 @functools.lru_cache(maxsize=32)  # Flax modules hash and compare by their fields
 def _template_cached(module: Any, input_size: int) -> Mapping[tuple[str, ...], jax.ShapeDtypeStruct]:
-    shapes = jax.eval_shape(lambda: models.init(module, jax.random.key(0), input_size))
+    shapes = models.shapes(module, input_size)
     return types.MappingProxyType(_flat(shapes))
 
 

@@ -318,7 +318,7 @@ def build_student(
     axis_name: str | None = AXIS,
 ) -> DistillStudent:
     """The student wrapped with the connectors the objective needs; checks every feature exists."""
-    s_vars = jax.eval_shape(lambda: models.init(student, jax.random.key(0), image_size))
+    s_vars = models.shapes(student, image_size)
     _require(feature_shapes(student, s_vars, image_size), objective.student_features, "student")
     if objective.teacher_features:
         for k, (t, v) in enumerate(zip(teachers, teacher_vars)):

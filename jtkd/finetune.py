@@ -198,7 +198,7 @@ def split_head(model: str, variables: dict) -> tuple[dict, dict]:
 def check_linear_head(model: str, variables: dict) -> None:
     """Precomputed features need logits == Linear(head)(model(num_classes=0)); say why not otherwise."""
     backbone, head = split_head(model, variables)
-    shapes = jax.eval_shape(lambda: models.init(models.create(model, num_classes=0), jax.random.key(0), 32))
+    shapes = models.shapes(models.create(model, num_classes=0), 32)
     if jax.tree.structure(shapes["params"]) != jax.tree.structure(backbone["params"]):
         raise ValueError(
             f"{model}: the classifier is more than one Linear layer after the pooled features; "

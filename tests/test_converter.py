@@ -37,6 +37,18 @@ def test_flax_path_is_mechanical():
     assert flax_path("encoder.layers.encoder_layer_0.ln_1.bias") == ("encoder", "layers", "encoder_layer_0", "ln_1", "bias")
 
 
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_large", "regnet_x_400mf", "vit_b_16"])
+def test_shape_template_is_the_routed_models_variables(name):
+    """The converter's template is traced on XLA's operations: the CPU routing (oneDNN calls,
+    grouped/depthwise/patch formulations) must not change any variable's shape or dtype."""
+    module = models.create(name, num_classes=13)
+    routed = jax.eval_shape(lambda: models.init(module, jax.random.key(0), 64))
+    template = models.shapes(module, 64)
+    assert jax.tree.structure(template) == jax.tree.structure(routed)
+    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(routed)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
 def test_prefixes_numpy_values_and_no_aliasing(r18):
     sd = {f"module._orig_mod.{k}": v.numpy() for k, v in r18.state_dict().items()}
     v = convert("resnet18", sd)
