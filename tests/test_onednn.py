@@ -219,3 +219,51 @@ def test_attention_shapes_get_optimised_matmul_kernels():
             impl = onednn.matmul_implementation(a_shape, b_shape, ta, tb)
             assert impl and not impl.startswith(("ref", "error")), (a_shape, b_shape, ta, tb, impl)
 
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_linear_gradients_on_onednn_match_xla(transpose_kernel):
+    """`layers.linear` at and above `_ONEDNN_LINEAR_ROWS` rows: XLA's forward, oneDNN's gradients (x^T g
+    read in place); values and both gradients against XLA's dot."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, layers._ONEDNN_LINEAR_ROWS // 2 + 3, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 24) if transpose_kernel else (24, 40)), jnp.float32)
+    mine = functools.partial(layers.linear, transpose_kernel=transpose_kernel)
+
+    def ref(x, w):
+        return jnp.matmul(x, w.T if transpose_kernel else w, precision="highest")
+
+    text = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1))).lower(x, w).as_text()
+    assert text.count("jtkd_onednn_matmul") == 2  # input and weight gradient
+    np.testing.assert_allclose(jax.jit(mine)(x, w), ref(x, w), atol=1e-5, rtol=1e-5)
+    grads = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1)))(x, w)
+    for name, g, r in zip(("x", "kernel"), grads, jax.grad(functools.partial(_loss, ref), argnums=(0, 1))(x, w)):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5, err_msg=f"gradient of {name}")
+
+
+def test_linear_routing_threshold_and_dense_layers():
+    """Few rows (classifier heads) keep XLA's dot; `layers.Linear` (flax Dense) goes through `linear`."""
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
+    grad = jax.grad(functools.partial(_loss, layers.linear), argnums=(0, 1))
+    few = jnp.ones((layers._ONEDNN_LINEAR_ROWS - 1, 24), jnp.float32)
+    assert "jtkd_onednn" not in jax.jit(grad).lower(few, w).as_text()
+    many = jnp.ones((layers._ONEDNN_LINEAR_ROWS, 24), jnp.float32)
+    assert "jtkd_onednn_matmul" in jax.jit(grad).lower(many, w).as_text()
+    with layers.xla_operations():
+        assert "jtkd_onednn" not in jax.jit(lambda x, w: grad(x, w)).lower(many, w).as_text()
+    dense = layers.Linear(40)
+    v = dense.init(jax.random.key(0), many)
+    dgrad = jax.grad(lambda p, x: jnp.sum(dense.apply({"params": p}, x) ** 2))
+    assert "jtkd_onednn_matmul" in jax.jit(dgrad).lower(v["params"], many).as_text()
+
+
+def test_linear_sharded_gradient_equals_single_device(four_devices):
+    """The replicated kernel's gradient is summed over the devices exactly once, as for XLA's dot."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((4, layers._ONEDNN_LINEAR_ROWS, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    loss = functools.partial(_loss, layers.linear)
+    expected = sum(jax.grad(loss, argnums=1)(x[i : i + 1], w) for i in range(4))
+    np.testing.assert_allclose(_sharded_grad(loss)(x, w), expected, atol=1e-4, rtol=1e-5)

@@ -40,6 +40,9 @@ _SMALL_MAP = 64
 # Dense KxK float32 convolutions with at least this many output rows (batch x pixels) run forward and
 # input gradient on oneDNN on CPU; below it oneDNN's fixed cost loses to the matmul (bench/FINDINGS.md).
 _ONEDNN_DENSE_ROWS = 300
+# Float32 linear layers with at least this many rows (batch x tokens) take their gradients from oneDNN on
+# CPU; below it oneDNN's fixed cost loses to XLA's dot (bench/FINDINGS.md).
+_ONEDNN_LINEAR_ROWS = 200
 
 
 _XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("jtkd_xla_only", default=False)
@@ -216,7 +219,52 @@ def Linear(
     name: str | None = None,
 ) -> nn.Dense:
     """`torch.nn.Linear`; the kernel is stored (in, out), the transpose of torch's weight."""
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                    dot_general=_dense_dot_general, name=name)
+
+
+def linear(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> jax.Array:
+    """x @ kernel over x's last axis; kernel is (in, out), or torch's (out, in) with `transpose_kernel`.
+
+    On the CPU in float32 with at least `_ONEDNN_LINEAR_ROWS` rows, the gradients are oneDNN's matmuls,
+    which read transposed operands in place: the weight gradient contracts over the rows (x^T g), and
+    XLA:CPU's dots (YNNPACK) first copy a transposed operand for it (vit_b_16: ~0.25 s a step). The
+    forward stays XLA's, which fuses what comes before and after it.
+    """
+    rows = math.prod(x.shape[:-1])
+    if not (_cpu_routing() and x.dtype == kernel.dtype == jnp.float32 and rows >= _ONEDNN_LINEAR_ROWS
+            and onednn.enabled()):
+        return x @ (kernel.T if transpose_kernel else kernel)
+    x2, w = onednn.match_varying(x.reshape(rows, x.shape[-1]), kernel)
+    y = _linear(x2, w, transpose_kernel)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
+                       preferred_element_type: Any = None, **kw: Any) -> jax.Array:
+    """`nn.Dense`'s contraction (last axis of the input with the kernel's first) through `linear`."""
+    if dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and preferred_element_type is None and not kw:
+        return linear(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+    return x @ (w.T if transpose_w else w)
+
+
+def _linear_fwd(x, w, transpose_w):
+    return _linear(x, w, transpose_w), (x, w)
+
+
+def _linear_bwd(transpose_w, res, g):
+    x, w = res
+    dx = onednn.matmul(g[None], w[None], False, not transpose_w)[0]
+    dw = onednn.matmul(g[None], x[None], True, False) if transpose_w else onednn.matmul(x[None], g[None], True, False)
+    return dx, dw[0]
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -248,7 +296,7 @@ class BatchNorm(nn.Module):
             n = math.prod(x.shape[:-1])
             if self.axis_name is not None:
                 n = n * jax.lax.psum(1, self.axis_name)
-            y, mean, var = _batch_norm(xf, scale, bias, axes, self.axis_name, self.epsilon)
+            y, mean, var = _batch_norm(*onednn.match_varying(xf, scale, bias), axes, self.axis_name, self.epsilon)
             mean, var = mean.reshape(c), var.reshape(c)
             if not self.is_initializing():
                 m = self.momentum
@@ -325,22 +373,7 @@ def _batch_norm_bwd(axes, axis_name, eps, res, cts):
     if axis_name is not None:
         mean_g, mean_gx = jax.lax.pmean((mean_g, mean_gx), axis_name)
     dx = (scale * inv) * (g - mean_g - xhat * mean_gx)
-    return dx, _unvary_like(dscale.reshape(scale.shape), scale), _unvary_like(dbias.reshape(scale.shape), scale)
-
-
-def _unvary_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """Sum a cotangent over the mesh axes it varies over and its primal does not: under shard_map
-    (check_vma) a replicated parameter's gradient is the sum of every device's part, which autodiff's
-    transpose of the implicit broadcast gives outside a custom VJP and the rule must give inside one."""
-    axes = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
-    return jax.lax.psum(ct, axes) if axes else ct
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    """The manual mesh axes `x` varies over (`vma`; `mat.varying` since jax 0.10)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+    return dx, dscale.reshape(scale.shape), dbias.reshape(scale.shape)
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -177,10 +177,10 @@ def _varying(*arrays: jax.Array) -> frozenset:
     return frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
 
 
-def _match_varying(*arrays: jax.Array) -> list[jax.Array]:
-    """Mark every operand as varying over the union of their shard_map axes (an FFI call has one type
-    for all its operands). The transpose of that cast sums a replicated kernel's gradient over the axes,
-    as it does for XLA's own convolution."""
+def match_varying(*arrays: jax.Array) -> list[jax.Array]:
+    """Mark every operand as varying over the union of their shard_map axes (an FFI call, or a custom
+    VJP mixing activations and parameters, has one type for all its operands). The transpose of that
+    cast sums a replicated kernel's gradient over the axes, as it does for XLA's own convolution."""
     axes = _varying(*arrays)
     return [jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying") if axes - _varying(a) else a
             for a in arrays]
@@ -190,7 +190,7 @@ def conv(x: jax.Array, w: jax.Array, geometry: Geometry, xla_weight_grad: bool =
     """NHWC x HWIO float32 convolution by oneDNN; geometry = (strides, ((lo, hi), (lo, hi)), dilation,
     groups). With `xla_weight_grad` the weight gradient is XLA's convolution, not oneDNN's: on AVX2
     oneDNN's NHWC weight gradient is 1.5-2.5x slower than XLA's for 3x3 kernels, 2-3x faster for 1x1."""
-    return _conv(*_match_varying(x, w), geometry, xla_weight_grad)
+    return _conv(*match_varying(x, w), geometry, xla_weight_grad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -222,7 +222,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
     """Batched float32 matmul by oneDNN, op(a) @ op(b) for a: (batch, m, k) and b: (batch, k, n), where
     op transposes the last two axes when asked; transposed operands are read in place."""
-    return _matmul(*_match_varying(a, b), transpose_a, transpose_b)
+    return _matmul(*match_varying(a, b), transpose_a, transpose_b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -43,7 +43,7 @@ class MultiheadAttention(nn.Module):
         w = self.param("in_proj_weight", _xavier, (3 * d, d), jnp.float32).astype(self.dtype)
         bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,), jnp.float32).astype(self.dtype)
         # Head-major (3, b, h, n, hd): each head's q, k, v contiguous for the batched matmuls.
-        qkv = (x @ w.T + bias).reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+        qkv = (layers.linear(x, w, transpose_kernel=True) + bias).reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = q * (1.0 / math.sqrt(d // h))
         scores = layers.batched_matmul(q, k, transpose_b=True)
