@@ -271,14 +271,16 @@ def load_average() -> tuple[float, float, float] | None:
 
 
 def _onednn_status(device: str) -> str:
-    """Which of jtkd's convolutions run on oneDNN (jtkd.models.onednn) in this run, or why none do."""
+    """What jtkd runs on oneDNN (jtkd.models.onednn) in this run, or why nothing."""
     if device != "cpu":
         return "- (CPU only)"
-    from jtkd.models import onednn
+    from jtkd.models import layers, onednn
 
     if not onednn.enabled():
         return f"off ({onednn.reason() or 'JTKD_ONEDNN=0'})"
-    return "depthwise, grouped and 1x1 convolutions (forward, input and weight gradients)"
+    return ("depthwise, grouped and 1x1 convolutions (forward and both gradients); dense convolutions with "
+            f">= {layers._ONEDNN_DENSE_ROWS} output rows (forward, input gradient); attention's batched matmuls; "
+            f"linear layers' gradients (>= {layers._ONEDNN_LINEAR_ROWS} rows)")
 
 
 def git_commit() -> str:

@@ -48,7 +48,7 @@ def _machine(res: dict[str, Any]) -> list[str]:
         ["versions", f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, optax {m['optax']}, torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}"],
         ["threads", f"torch intra-op {m['torch_threads']} (set to the core count), inter-op {m['torch_interop_threads']}, OMP_WAIT_POLICY {m.get('omp_wait_policy', 'default')}; XLA CPU: one device, Eigen pool over all cores"],
         ["XLA_FLAGS", f"`{m['xla_flags']}`" if m["xla_flags"] else "(none)"],
-        ["jtkd oneDNN convolutions", m.get("jtkd_onednn", "- (not recorded)")],
+        ["jtkd on oneDNN", m.get("jtkd_onednn", "- (not recorded)")],
         ["malloc", m.get("malloc", "- (not recorded)")],
         ["torch CUDA device", m.get("torch_cuda_device", "-")],
         ["precision", _precision(res)],
