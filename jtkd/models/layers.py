@@ -259,9 +259,8 @@ def _linear_fwd(x, w, transpose_w):
 
 def _linear_bwd(transpose_w, res, g):
     x, w = res
-    dx = onednn.matmul(g[None], w[None], False, not transpose_w)[0]
-    dw = onednn.matmul(g[None], x[None], True, False) if transpose_w else onednn.matmul(x[None], g[None], True, False)
-    return dx, dw[0]
+    dx, dw = onednn.matmul_grads(x[None], w[None], g[None], transpose_b=transpose_w)
+    return dx[0], dw[0]
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)

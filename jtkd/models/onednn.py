@@ -236,12 +236,18 @@ def _matmul_fwd(a, b, transpose_a, transpose_b):
     return _matmul(a, b, transpose_a, transpose_b), (a, b)
 
 
-def _matmul_bwd(transpose_a, transpose_b, res, dc):
-    # c = op(a) op(b): d op(a) = dc op(b)^T and d op(b) = op(a)^T dc, each stored back as a / b are.
-    a, b = res
+def matmul_grads(a: jax.Array, b: jax.Array, dc: jax.Array, transpose_a: bool = False,
+                 transpose_b: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The gradients (da, db) of c = op(a) @ op(b) for the cotangent dc, by oneDNN matmuls reading the
+    transposed operands in place; operands of one shard_map type (`match_varying`)."""
+    # d op(a) = dc op(b)^T and d op(b) = op(a)^T dc, each stored back as a / b are.
     da = _matmul(b, dc, transpose_b, True) if transpose_a else _matmul(dc, b, False, not transpose_b)
     db = _matmul(dc, a, True, transpose_a) if transpose_b else _matmul(a, dc, not transpose_a, False)
     return da, db
+
+
+def _matmul_bwd(transpose_a, transpose_b, res, dc):
+    return matmul_grads(*res, dc, transpose_a, transpose_b)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
