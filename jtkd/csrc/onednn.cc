@@ -6,6 +6,7 @@
 // shapes, and its weight gradients need transposed copies of the activations
 // (bench/FINDINGS.md). oneDNN reads both layouts in place; only the (small)
 // kernel is reordered into the blocked format its kernels want.
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -285,15 +286,25 @@ std::shared_ptr<MatmulEntry> GetMatmul(int64_t batch, int64_t a_rows, int64_t a_
   });
 }
 
+// Dimensions as batch x rows x cols; a rank-2 buffer is one matrix. Accepting
+// rank 2 spares XLA a reshape between a linear layer's input and its saved
+// residual, which it would otherwise meet by computing the input twice.
+std::array<int64_t, 3> BatchDims(ffi::Span<const int64_t> d) {
+  if (d.size() == 2) return {1, d[0], d[1]};
+  if (d.size() == 3) return {d[0], d[1], d[2]};
+  return {-1, -1, -1};
+}
+
 ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                   ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 3 || bd.size() != 3 || cd.size() != 3 || ad[0] != bd[0] ||
+  const auto ad = BatchDims(a.dimensions()), bd = BatchDims(b.dimensions()),
+             cd = BatchDims(c->dimensions());
+  if (ad[0] < 0 || bd[0] < 0 || cd[0] < 0 || ad[0] != bd[0] ||
       (transpose_a ? ad[1] : ad[2]) != (transpose_b ? bd[2] : bd[1]) ||
       cd[0] != ad[0] || cd[1] != (transpose_a ? ad[2] : ad[1]) ||
       cd[2] != (transpose_b ? bd[1] : bd[2])) {
     return ffi::Error::InvalidArgument(
-        "jtkd oneDNN matmul: expected batch x m x k, batch x k x n operands");
+        "jtkd oneDNN matmul: expected [batch x] m x k, [batch x] k x n operands");
   }
   try {
     auto e = GetMatmul(ad[0], ad[1], ad[2], bd[1], bd[2], transpose_a, transpose_b);

@@ -259,8 +259,7 @@ def _linear_fwd(x, w, transpose_w):
 
 def _linear_bwd(transpose_w, res, g):
     x, w = res
-    dx, dw = onednn.matmul_grads(x[None], w[None], g[None], transpose_b=transpose_w)
-    return dx[0], dw[0]
+    return onednn.matmul_grads(x, w, g, transpose_b=transpose_w)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)

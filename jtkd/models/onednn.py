@@ -220,16 +220,17 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """Batched float32 matmul by oneDNN, op(a) @ op(b) for a: (batch, m, k) and b: (batch, k, n), where
-    op transposes the last two axes when asked; transposed operands are read in place."""
+    """Batched float32 matmul by oneDNN, op(a) @ op(b) for a: (batch, m, k) and b: (batch, k, n), or
+    both unbatched (m, k) and (k, n), where op transposes the last two axes when asked; transposed
+    operands are read in place."""
     return _matmul(*match_varying(a, b), transpose_a, transpose_b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    m = a.shape[2] if transpose_a else a.shape[1]
-    n = b.shape[1] if transpose_b else b.shape[2]
-    return _call("matmul", (a.shape[0], m, n), a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    return _call("matmul", (*a.shape[:-2], m, n), a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
 def _matmul_fwd(a, b, transpose_a, transpose_b):
