@@ -508,6 +508,26 @@ def gelu(x: jax.Array) -> jax.Array:
     return x * 0.5 * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))  # Python floats keep x's dtype
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`jax.nn.softmax`, y = exp(x - max x) / sum exp(x - max x), with the backward written from y alone:
+    dx = y * (g - sum(g * y)). Differentiating through the division made XLA:CPU materialise two
+    broadcasts of 1 / sum at the scores' full size (vit_b_16: forward + backward 4.0 -> 2.5-2.7 ms a
+    layer at 48x197x197)."""
+    return jax.nn.softmax(x, axis=axis)
+
+
+def _softmax_fwd(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    y = jax.nn.softmax(x, axis=axis)
+    return y, y
+
+
+def _softmax_bwd(axis: int, y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (y * (g - jnp.sum(g * y, axis=axis, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
 relu6 = jax.nn.relu6
 hardswish = jax.nn.hard_swish
 silu = jax.nn.silu

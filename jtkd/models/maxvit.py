@@ -107,7 +107,7 @@ class RelativePositionalMultiHeadAttention(layers.TorchModel):
         n = s * s
         bias = table.astype(self.dtype)[relative_position_index(s, s)].reshape(n, n, h).transpose(2, 0, 1)[None]
         attn = layers.batched_matmul(q, k, transpose_b=True) + bias
-        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
+        attn = layers.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = layers.batched_matmul(attn, v).transpose(0, 1, 3, 2, 4).reshape(b, g, p, d)
         return self.linear(d, kernel_init=_normal02, name="merge")(out)
 

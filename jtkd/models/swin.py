@@ -110,7 +110,7 @@ class ShiftedWindowAttention(layers.TorchModel):
             bias = qkv_layer.variables["params"]["bias"].astype(self.dtype)
             qkv = qkv - jnp.concatenate([jnp.zeros((c,), self.dtype), bias[c : 2 * c], jnp.zeros((c,), self.dtype)])
         qkv = qkv.reshape(b * nwin, n, 3, nh, c // nh).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B*nW, nH, N, hd)
+        q, k, v = (t[0] for t in jnp.split(qkv, 3))  # (B*nW, nH, N, hd); split: see vit's attention
         if self.v2:
             normalize = lambda t: t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)  # noqa: E731
             attn = layers.batched_matmul(normalize(q), normalize(k), transpose_b=True)
@@ -124,7 +124,7 @@ class ShiftedWindowAttention(layers.TorchModel):
         if sum(shift) > 0:
             mask = jnp.asarray(shift_mask(ph, pw, self.window_size, shift), self.dtype)
             attn = (attn.reshape(b, nwin, nh, n, n) + mask[None, :, None]).reshape(-1, nh, n, n)
-        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
+        attn = layers.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
         attn = layers.dropout(self, attn, self.attention_dropout, train)
 
         x = jnp.swapaxes(layers.batched_matmul(attn, v), 1, 2).reshape(b * nwin, n, c)
