@@ -5,6 +5,9 @@ skip, when it cannot be built.
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -224,25 +227,45 @@ def test_attention_shapes_get_optimised_matmul_kernels():
 
 
 
+@pytest.mark.parametrize("avx512", [False, True])
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("transpose_kernel", [False, True])
-def test_linear_gradients_on_onednn_match_xla(transpose_kernel):
+def test_linear_gradients_on_onednn_match_xla(transpose_kernel, wide, avx512, monkeypatch):
     """`layers.linear` at and above `_ONEDNN_LINEAR_ROWS` rows: XLA's forward, oneDNN's gradients (x^T g
-    read in place); values and both gradients against XLA's dot."""
+    read in place), except a wider-than-tall weight gradient where oneDNN has AVX-512 kernels (XLA's
+    dot there); values and both gradients against XLA's dot, both rules on any CPU."""
+    monkeypatch.setattr(onednn, "avx512", lambda: avx512)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, layers._ONEDNN_LINEAR_ROWS // 2 + 3, 24)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((40, 24) if transpose_kernel else (24, 40)), jnp.float32)
+    n_out, n_in = (40, 24) if wide != transpose_kernel else (24, 40)  # wide: the stored kernel's 2nd axis larger
+    x = x if n_in == 24 else jnp.concatenate([x, x[..., :16]], axis=-1)
+    w = jnp.asarray(rng.standard_normal((n_out, n_in) if transpose_kernel else (n_in, n_out)), jnp.float32)
+    assert (w.shape[1] > w.shape[0]) == wide
     mine = functools.partial(layers.linear, transpose_kernel=transpose_kernel)
 
     def ref(x, w):
         return jnp.matmul(x, w.T if transpose_kernel else w, precision="highest")
 
     text = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1))).lower(x, w).as_text()
-    assert text.count("jtkd_onednn_matmul") == 2  # input and weight gradient
+    assert text.count("jtkd_onednn_matmul") == (1 if wide and avx512 else 2)  # input (and weight) gradient
     np.testing.assert_allclose(jax.jit(mine)(x, w), ref(x, w), atol=1e-5, rtol=1e-5)
     grads = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1)))(x, w)
     for name, g, r in zip(("x", "kernel"), grads, jax.grad(functools.partial(_loss, ref), argnums=(0, 1))(x, w)):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5, err_msg=f"gradient of {name}")
+
+
+def test_avx512_reads_onednns_isa():
+    """`onednn.avx512()` follows oneDNN's effective ISA, which ONEDNN_MAX_CPU_ISA caps (a fresh process:
+    oneDNN reads it once)."""
+    code = "from jtkd.models import onednn; print(onednn.avx512())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    if "ONEDNN_MAX_CPU_ISA" not in os.environ:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+        assert onednn.avx512() == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags)
 
 
 def test_linear_routing_threshold_and_dense_layers():
@@ -256,17 +279,19 @@ def test_linear_routing_threshold_and_dense_layers():
     assert "jtkd_onednn_matmul" in jax.jit(grad).lower(many, w).as_text()
     with layers.xla_operations():
         assert "jtkd_onednn" not in jax.jit(lambda x, w: grad(x, w)).lower(many, w).as_text()
-    dense = layers.Linear(40)
+    dense = layers.Linear(16)  # a kernel taller than wide: its gradient is oneDNN's on every CPU
     v = dense.init(jax.random.key(0), many)
     dgrad = jax.grad(lambda p, x: jnp.sum(dense.apply({"params": p}, x) ** 2))
     assert "jtkd_onednn_matmul" in jax.jit(dgrad).lower(v["params"], many).as_text()
 
 
-def test_linear_sharded_gradient_equals_single_device(four_devices):
+@pytest.mark.parametrize("shape", [(16, 8), (16, 24)], ids=["tall", "wide"])
+def test_linear_sharded_gradient_equals_single_device(four_devices, shape, monkeypatch):
     """The replicated kernel's gradient is summed over the devices exactly once, as for XLA's dot."""
+    monkeypatch.setattr(onednn, "avx512", lambda: True)  # the wide kernel's gradient on XLA
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((4, layers._ONEDNN_LINEAR_ROWS, 16)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     loss = functools.partial(_loss, layers.linear)
     expected = sum(jax.grad(loss, argnums=1)(x[i : i + 1], w) for i in range(4))
     np.testing.assert_allclose(_sharded_grad(loss)(x, w), expected, atol=1e-4, rtol=1e-5)

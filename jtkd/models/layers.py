@@ -259,6 +259,12 @@ def _linear_fwd(x, w, transpose_w):
 
 def _linear_bwd(transpose_w, res, g):
     x, w = res
+    if w.shape[1] > w.shape[0] and onednn.avx512():
+        # The weight gradient is wider than tall. oneDNN's AVX-512 matmul reading its (rows x wide) operand
+        # runs at half speed there (x^T g at 768x788 @ 788x3072: 21 ms, XLA 14.5, torch 12); on AVX2 it was
+        # the faster of the two (bench/FINDINGS.md).
+        dx = onednn.matmul(g, w, transpose_b=not transpose_w)
+        return dx, (g.T @ x if transpose_w else x.T @ g)
     return onednn.matmul_grads(x, w, g, transpose_b=transpose_w)
 
 

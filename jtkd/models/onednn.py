@@ -106,6 +106,15 @@ def _library() -> ctypes.CDLL | OneDNNUnavailable:
     return lib
 
 
+@functools.cache
+def avx512() -> bool:
+    """Whether oneDNN runs AVX-512 kernels on this CPU (its effective ISA, which ONEDNN_MAX_CPU_ISA caps)."""
+    lib = _require()
+    lib.dnnl_get_effective_cpu_isa.restype = ctypes.c_int
+    avx512_core = 0x27  # dnnl_cpu_isa_avx512_core: a bit mask every AVX-512 ISA of oneDNN's contains
+    return lib.dnnl_get_effective_cpu_isa() & avx512_core == avx512_core
+
+
 def enabled() -> bool:
     """Whether `layers.conv` should use oneDNN: available and not turned off with `JTKD_ONEDNN=0`.
     Warns once (with the reason) when it is wanted but cannot be built or loaded."""
