@@ -278,9 +278,13 @@ def _onednn_status(device: str) -> str:
 
     if not onednn.enabled():
         return f"off ({onednn.reason() or 'JTKD_ONEDNN=0'})"
+    if onednn.avx512():
+        dense, linear = "forward and both gradients", "; wider-than-tall weight gradients on XLA (AVX-512)"
+    else:
+        dense, linear = "forward, input gradient", ""
     return ("depthwise, grouped and 1x1 convolutions (forward and both gradients); dense convolutions with "
-            f">= {layers._ONEDNN_DENSE_ROWS} output rows (forward, input gradient); attention's batched matmuls; "
-            f"linear layers' gradients (>= {layers._ONEDNN_LINEAR_ROWS} rows)")
+            f">= {layers._ONEDNN_DENSE_ROWS} output rows ({dense}); attention's batched matmuls; "
+            f"linear layers' gradients (>= {layers._ONEDNN_LINEAR_ROWS} rows{linear})")
 
 
 def git_commit() -> str:

@@ -141,6 +141,29 @@ def test_layers_conv_routes_1x1_to_onednn_and_the_switch_turns_it_off(monkeypatc
     assert "jtkd_onednn" not in text and "dot_general" in text
 
 
+@pytest.mark.parametrize("avx512", [False, True])
+def test_dense_convolutions_weight_gradient_by_isa(avx512, monkeypatch):
+    """A dense 3x3 convolution above `_ONEDNN_DENSE_ROWS` rows: forward and input gradient on oneDNN;
+    the weight gradient XLA's on AVX2 and oneDNN's with AVX-512; gradients equal XLA's either way."""
+    monkeypatch.setattr(onednn, "avx512", lambda: avx512)
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 13, 13, 8)), jnp.float32)  # 338 output rows
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) * 0.1, jnp.float32)
+    assert 2 * 13 * 13 >= layers._ONEDNN_DENSE_ROWS
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)))
+
+    grad = jax.jit(jax.grad(functools.partial(loss, layers.conv), argnums=(0, 1)))
+    text = grad.lower(x, w).as_text()
+    assert "jtkd_onednn_conv_fwd" in text and "jtkd_onednn_conv_bwd_data" in text
+    assert ("jtkd_onednn_conv_bwd_weights" in text) == avx512
+    ref = jax.grad(functools.partial(loss, functools.partial(jax.lax.conv_general_dilated, precision="highest")),
+                   argnums=(0, 1))(x, w)
+    for g, r in zip(grad(x, w), ref):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
 def test_mismatched_groups_are_a_clear_error():
     x, w = _operands("grouped_3x3")
     with pytest.raises(Exception, match="do not match the groups"):

@@ -114,7 +114,7 @@ def conv(
     grouped and 1x1 float32 convolutions go to oneDNN instead (`jtkd.models.onednn`, FFI custom
     calls) where it is available, which is 2-5x faster still; the matmul formulations are the
     fallback. Dense float32 convolutions with at least `_ONEDNN_DENSE_ROWS` output rows run their
-    forward and input gradient on oneDNN too, their weight gradient on XLA. Everything else, and
+    forward and input gradient on oneDNN too, their weight gradient on XLA (oneDNN's with AVX-512). Everything else, and
     every other backend, calls XLA's convolution. `JTKD_CONV=xla` turns all of this off;
     `JTKD_ONEDNN=0` only the oneDNN part.
     """
@@ -154,9 +154,10 @@ def conv(
         x = lhs[:, : ho * kh, : wo * kw_].reshape(n, ho, kh, wo, kw_, c).transpose(0, 1, 3, 2, 4, 5)
         return jnp.dot(x.reshape(n, ho, wo, kh * kw_ * c), rhs.reshape(kh * kw_ * cin, cout), precision=precision)
     if use_onednn and n * ho * wo >= _ONEDNN_DENSE_ROWS:
-        # forward and input gradient: oneDNN's are 1.0-1.45x XLA's on resnet's 3x3 shapes; its NHWC weight
-        # gradient is 1.5-2.5x slower than XLA's on AVX2, so that one stays with XLA
-        return onednn.conv(lhs, rhs, geometry, xla_weight_grad=True)
+        # forward and input gradient: oneDNN's are 1.0-1.45x XLA's on resnet's 3x3 shapes. Its NHWC weight
+        # gradient is 1.5-2.5x slower than XLA's on AVX2, so that one stays with XLA there; with AVX-512
+        # it is the faster (resnet18 224 px: 13% off the step, resnet50 9%; bench/FINDINGS.md).
+        return onednn.conv(lhs, rhs, geometry, xla_weight_grad=not onednn.avx512())
     if kh * kw_ > 1 and ho * wo > _SMALL_MAP:
         return xla()
     cols = windows(lhs)
