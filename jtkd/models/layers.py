@@ -114,8 +114,8 @@ def conv(
     grouped and 1x1 float32 convolutions go to oneDNN instead (`jtkd.models.onednn`, FFI custom
     calls) where it is available, which is 2-5x faster still; the matmul formulations are the
     fallback. Dense float32 convolutions with at least `_ONEDNN_DENSE_ROWS` output rows run their
-    forward and input gradient on oneDNN too, their weight gradient on XLA (oneDNN's with AVX-512). Everything else, and
-    every other backend, calls XLA's convolution. `JTKD_CONV=xla` turns all of this off;
+    forward and input gradient on oneDNN too, their weight gradient on XLA (oneDNN's with AVX-512).
+    Everything else, and every other backend, calls XLA's convolution. `JTKD_CONV=xla` turns all of this off;
     `JTKD_ONEDNN=0` only the oneDNN part.
     """
     xla = partial(jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -260,13 +260,11 @@ def _linear_fwd(x, w, transpose_w):
 
 def _linear_bwd(transpose_w, res, g):
     x, w = res
-    if w.shape[1] > w.shape[0] and onednn.avx512():
-        # The weight gradient is wider than tall. oneDNN's AVX-512 matmul reading its (rows x wide) operand
-        # runs at half speed there (x^T g at 768x788 @ 788x3072: 21 ms, XLA 14.5, torch 12); on AVX2 it was
-        # the faster of the two (bench/FINDINGS.md).
-        dx = onednn.matmul(g, w, transpose_b=not transpose_w)
-        return dx, (g.T @ x if transpose_w else x.T @ g)
-    return onednn.matmul_grads(x, w, g, transpose_b=transpose_w)
+    # A weight gradient wider than tall is XLA's dot with AVX-512: oneDNN's AVX-512 matmul reading its
+    # (rows x wide) operand runs at half speed there (x^T g at 768x788 @ 788x3072: 21 ms, XLA 14.5, torch
+    # 12); on AVX2 oneDNN's was the faster of the two (bench/FINDINGS.md).
+    wide = w.shape[1] > w.shape[0]
+    return onednn.matmul_grads(x, w, g, transpose_b=transpose_w, xla_b_grad=wide and onednn.avx512())
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)

@@ -103,6 +103,7 @@ def _library() -> ctypes.CDLL | OneDNNUnavailable:
     i64 = ctypes.c_int64
     lib.JtkdOnednnMatmulImplInfo.argtypes = [i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, i64]
     lib.JtkdOnednnMatmulImplInfo.restype = i64
+    lib.dnnl_get_effective_cpu_isa.restype = ctypes.c_int  # oneDNN's own, reached through the extension
     return lib
 
 
@@ -110,7 +111,6 @@ def _library() -> ctypes.CDLL | OneDNNUnavailable:
 def avx512() -> bool:
     """Whether oneDNN runs AVX-512 kernels on this CPU (its effective ISA, which ONEDNN_MAX_CPU_ISA caps)."""
     lib = _require()
-    lib.dnnl_get_effective_cpu_isa.restype = ctypes.c_int
     avx512_core = 0x27  # dnnl_cpu_isa_avx512_core: a bit mask every AVX-512 ISA of oneDNN's contains
     return lib.dnnl_get_effective_cpu_isa() & avx512_core == avx512_core
 
@@ -247,12 +247,17 @@ def _matmul_fwd(a, b, transpose_a, transpose_b):
 
 
 def matmul_grads(a: jax.Array, b: jax.Array, dc: jax.Array, transpose_a: bool = False,
-                 transpose_b: bool = False) -> tuple[jax.Array, jax.Array]:
+                 transpose_b: bool = False, xla_b_grad: bool = False) -> tuple[jax.Array, jax.Array]:
     """The gradients (da, db) of c = op(a) @ op(b) for the cotangent dc, by oneDNN matmuls reading the
-    transposed operands in place; operands of one shard_map type (`match_varying`)."""
+    transposed operands in place; operands of one shard_map type (`match_varying`). With `xla_b_grad`
+    db is XLA's dot instead (as `conv`'s `xla_weight_grad`)."""
     # d op(a) = dc op(b)^T and d op(b) = op(a)^T dc, each stored back as a / b are.
     da = _matmul(b, dc, transpose_b, True) if transpose_a else _matmul(dc, b, False, not transpose_b)
-    db = _matmul(dc, a, True, transpose_a) if transpose_b else _matmul(a, dc, not transpose_a, False)
+    if xla_b_grad:
+        op_a = jnp.swapaxes(a, -1, -2) if transpose_a else a
+        db = jnp.swapaxes(dc, -1, -2) @ op_a if transpose_b else jnp.swapaxes(op_a, -1, -2) @ dc
+    else:
+        db = _matmul(dc, a, True, transpose_a) if transpose_b else _matmul(a, dc, not transpose_a, False)
     return da, db
 
 
