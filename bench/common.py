@@ -278,13 +278,16 @@ def _onednn_status(device: str) -> str:
 
     if not onednn.enabled():
         return f"off ({onednn.reason() or 'JTKD_ONEDNN=0'})"
-    if onednn.avx512():
-        dense, linear = "forward and both gradients", "; wider-than-tall weight gradients on XLA (AVX-512)"
+    rows = f">= {layers._ONEDNN_LINEAR_ROWS} rows"
+    if not onednn.avx512():
+        dense, linear = "forward, input gradient", f"linear layers' gradients ({rows})"
+    elif onednn.mkl_available():
+        dense, linear = "forward and both gradients", f"linear layers on MKL's sgemm ({rows}, forward and both gradients)"
     else:
-        dense, linear = "forward, input gradient", ""
+        dense = "forward and both gradients"
+        linear = f"linear layers' gradients ({rows}; wider-than-tall weight gradients on XLA (AVX-512), MKL not found)"
     return ("depthwise, grouped and 1x1 convolutions (forward and both gradients); dense convolutions with "
-            f">= {layers._ONEDNN_DENSE_ROWS} output rows ({dense}); attention's batched matmuls; "
-            f"linear layers' gradients (>= {layers._ONEDNN_LINEAR_ROWS} rows{linear})")
+            f">= {layers._ONEDNN_DENSE_ROWS} output rows ({dense}); attention's batched matmuls; {linear}")
 
 
 def git_commit() -> str:

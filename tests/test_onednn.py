@@ -249,14 +249,21 @@ def test_attention_shapes_get_optimised_matmul_kernels():
             assert impl and not impl.startswith(("ref", "error")), (a_shape, b_shape, ta, tb, impl)
 
 
-@pytest.mark.parametrize("avx512", [False, True])
+# The linear layer's rules: (oneDNN's ISA is AVX-512, the extension holds MKL)
+LINEAR_RULES = {"avx2": (False, True), "avx512_no_mkl": (True, False), "avx512_mkl": (True, True)}
+
+
+@pytest.mark.parametrize("rule", LINEAR_RULES)
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("transpose_kernel", [False, True])
-def test_linear_gradients_on_onednn_match_xla(transpose_kernel, wide, avx512, monkeypatch):
-    """`layers.linear` at and above `_ONEDNN_LINEAR_ROWS` rows: XLA's forward, oneDNN's gradients (x^T g
-    read in place), except a wider-than-tall weight gradient where oneDNN has AVX-512 kernels (XLA's
-    dot there); values and both gradients against XLA's dot, both rules on any CPU."""
+def test_linear_on_onednn_or_mkl_matches_xla(transpose_kernel, wide, rule, monkeypatch):
+    """`layers.linear` at and above `_ONEDNN_LINEAR_ROWS` rows. AVX2: XLA's forward, oneDNN's gradients
+    (x^T g read in place). AVX-512 without MKL: the same, except a wider-than-tall weight gradient (XLA's
+    dot). AVX-512 with MKL: MKL's sgemm for the forward and both gradients. Values and both gradients
+    against XLA's dot, every rule on any CPU."""
+    avx512, mkl = LINEAR_RULES[rule]
     monkeypatch.setattr(onednn, "avx512", lambda: avx512)
+    monkeypatch.setattr(onednn, "mkl_available", lambda: mkl)
     rng = np.random.default_rng(3)
     n_out, n_in = (40, 24) if wide != transpose_kernel else (24, 40)  # wide: the stored kernel's 2nd axis larger
     x = jnp.asarray(rng.standard_normal((2, layers._ONEDNN_LINEAR_ROWS // 2 + 3, n_in)), jnp.float32)
@@ -268,12 +275,46 @@ def test_linear_gradients_on_onednn_match_xla(transpose_kernel, wide, avx512, mo
         return jnp.matmul(x, w.T if transpose_kernel else w, precision="highest")
 
     text = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1))).lower(x, w).as_text()
-    assert text.count("jtkd_onednn_matmul") == (1 if wide and avx512 else 2)  # input (and weight) gradient
+    if rule == "avx512_mkl":
+        assert (text.count("jtkd_onednn_mkl_matmul"), text.count("jtkd_onednn_matmul")) == (3, 0)
+    else:  # the input (and weight) gradient
+        assert (text.count("jtkd_onednn_mkl_matmul"), text.count("jtkd_onednn_matmul")) == (0, 1 if wide and avx512 else 2)
     np.testing.assert_allclose(jax.jit(mine)(x, w), ref(x, w), atol=1e-5, rtol=1e-5)
     grads = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1)))(x, w)
     for name, g, r in zip(("x", "kernel"), grads, jax.grad(functools.partial(_loss, ref), argnums=(0, 1))(x, w)):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5, err_msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["unbatched", "batched"])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_mkl_matmul_values_and_gradients_match_xla(transpose_a, transpose_b, batch):
+    """`onednn.matmul(..., library="mkl")`: MKL is a dependency on Linux x86-64, so the extension holds it."""
+    assert onednn.mkl_available(), onednn._mkl_flags()
+    a, b = _matmul_operands(transpose_a, transpose_b, batch=batch, m=37, k=53, n=29, seed=6)
+    mine = functools.partial(onednn.matmul, transpose_a=transpose_a, transpose_b=transpose_b, library="mkl")
+    ref = functools.partial(_reference_matmul, transpose_a=transpose_a, transpose_b=transpose_b)
+    grad = jax.jit(jax.grad(functools.partial(_loss, mine), argnums=(0, 1)))
+    text = grad.lower(a, b).as_text()
+    assert (text.count("jtkd_onednn_mkl_matmul"), text.count("jtkd_onednn_matmul")) == (3, 0)
+    np.testing.assert_allclose(jax.jit(mine)(a, b), ref(a, b), atol=1e-4, rtol=1e-5)
+    for name, g, r in zip(("a", "b"), grad(a, b), jax.grad(functools.partial(_loss, ref), argnums=(0, 1))(a, b)):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5, err_msg=f"gradient of {name}")
+
+
+def test_mkl_missing_or_unknown_library_is_a_clear_error(monkeypatch, tmp_path):
+    a, b = _matmul_operands(False, False)
+    with pytest.raises(ValueError, match="library must be one of"):
+        onednn.matmul(a, b, library="blas")
+    monkeypatch.setattr(onednn, "mkl_available", lambda: False)
+    with pytest.raises(onednn.OneDNNUnavailable, match="built without MKL"):
+        onednn.matmul(a, b, library="mkl")
+    monkeypatch.setenv("JTKD_MKL_ROOT", str(tmp_path))  # no MKL there: the extension is built without it
+    assert onednn._mkl_flags() == []
+    monkeypatch.delenv("JTKD_MKL_ROOT")
+    assert "-DJTKD_WITH_MKL" in onednn._mkl_flags()
 
 
 def test_avx512_reads_onednns_isa():
@@ -297,19 +338,21 @@ def test_linear_routing_threshold_and_dense_layers():
     few = jnp.ones((layers._ONEDNN_LINEAR_ROWS - 1, 24), jnp.float32)
     assert "jtkd_onednn" not in jax.jit(grad).lower(few, w).as_text()
     many = jnp.ones((layers._ONEDNN_LINEAR_ROWS, 24), jnp.float32)
-    assert "jtkd_onednn_matmul" in jax.jit(grad).lower(many, w).as_text()
+    assert "jtkd_onednn" in jax.jit(grad).lower(many, w).as_text()  # oneDNN's or MKL's matmuls, by ISA
     with layers.xla_operations():
         assert "jtkd_onednn" not in jax.jit(lambda x, w: grad(x, w)).lower(many, w).as_text()
-    dense = layers.Linear(16)  # a kernel taller than wide: its gradient is oneDNN's on every CPU
+    dense = layers.Linear(16)  # a kernel taller than wide: its gradient is the extension's on every CPU
     v = dense.init(jax.random.key(0), many)
     dgrad = jax.grad(lambda p, x: jnp.sum(dense.apply({"params": p}, x) ** 2))
-    assert "jtkd_onednn_matmul" in jax.jit(dgrad).lower(v["params"], many).as_text()
+    assert "jtkd_onednn" in jax.jit(dgrad).lower(v["params"], many).as_text()
 
 
+@pytest.mark.parametrize("rule", ["avx512_no_mkl", "avx512_mkl"])
 @pytest.mark.parametrize("shape", [(16, 8), (16, 24)], ids=["tall", "wide"])
-def test_linear_sharded_gradient_equals_single_device(four_devices, shape, monkeypatch):
+def test_linear_sharded_gradient_equals_single_device(four_devices, shape, rule, monkeypatch):
     """The replicated kernel's gradient is summed over the devices exactly once, as for XLA's dot."""
-    monkeypatch.setattr(onednn, "avx512", lambda: True)  # the wide kernel's gradient on XLA
+    monkeypatch.setattr(onednn, "avx512", lambda: True)  # without MKL, the wide kernel's gradient on XLA
+    monkeypatch.setattr(onednn, "mkl_available", lambda: LINEAR_RULES[rule][1])
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((4, layers._ONEDNN_LINEAR_ROWS, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal(shape), jnp.float32)

@@ -1,6 +1,7 @@
 // oneDNN for XLA:CPU through the XLA FFI: convolutions (forward, input
 // gradient and weight gradient on NHWC activations and HWIO kernels, Flax's
-// layouts) and batched matmuls with transposed operands read in place.
+// layouts) and batched matmuls with transposed operands read in place; built
+// with JTKD_WITH_MKL, also the same matmul by MKL's sgemm.
 //
 // XLA:CPU's own convolutions are 1.2-1.3x slower than oneDNN's on ResNet
 // shapes, and its weight gradients need transposed copies of the activations
@@ -10,12 +11,16 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#ifdef JTKD_WITH_MKL
+#include "mkl_cblas.h"
+#endif
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -295,17 +300,31 @@ std::array<int64_t, 3> BatchDims(ffi::Span<const int64_t> d) {
   return {-1, -1, -1};
 }
 
-ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                  ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
-  const auto ad = BatchDims(a.dimensions()), bd = BatchDims(b.dimensions()),
-             cd = BatchDims(c->dimensions());
+// The operands' [batch x] rows x cols as stored, if they and the result fit
+// c = op(a) @ op(b).
+std::optional<std::array<std::array<int64_t, 3>, 2>> MatmulDims(
+    ffi::Span<const int64_t> a, ffi::Span<const int64_t> b,
+    ffi::Span<const int64_t> c, bool transpose_a, bool transpose_b) {
+  const auto ad = BatchDims(a), bd = BatchDims(b), cd = BatchDims(c);
   if (ad[0] < 0 || bd[0] < 0 || cd[0] < 0 || ad[0] != bd[0] ||
       (transpose_a ? ad[1] : ad[2]) != (transpose_b ? bd[2] : bd[1]) ||
       cd[0] != ad[0] || cd[1] != (transpose_a ? ad[2] : ad[1]) ||
       cd[2] != (transpose_b ? bd[1] : bd[2])) {
-    return ffi::Error::InvalidArgument(
-        "jtkd oneDNN matmul: expected [batch x] m x k, [batch x] k x n operands");
+    return std::nullopt;
   }
+  return std::array<std::array<int64_t, 3>, 2>{ad, bd};
+}
+
+ffi::Error BadMatmulShapes() {
+  return ffi::Error::InvalidArgument(
+      "jtkd matmul: expected [batch x] m x k, [batch x] k x n operands");
+}
+
+ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                  ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  const auto dims = MatmulDims(a.dimensions(), b.dimensions(), c->dimensions(), transpose_a, transpose_b);
+  if (!dims) return BadMatmulShapes();
+  const auto& [ad, bd] = *dims;
   try {
     auto e = GetMatmul(ad[0], ad[1], ad[2], bd[1], bd[2], transpose_a, transpose_b);
     auto& eng = Engine();
@@ -320,6 +339,27 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   }
   return ffi::Error::Success();
 }
+
+#ifdef JTKD_WITH_MKL
+// The same product by MKL's sgemm, row-major, transposed operands read in
+// place. With AVX-512, oneDNN's matmul (brgemm) runs wide outputs at about
+// half of MKL's speed: x @ w at 788x768 @ 768x3072, 2 cores, oneDNN 26.6 ms,
+// MKL 12.2 ms, XLA 14.6 ms (bench/FINDINGS.md).
+ffi::Error MklMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                     ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  const auto dims = MatmulDims(a.dimensions(), b.dimensions(), c->dimensions(), transpose_a, transpose_b);
+  if (!dims) return BadMatmulShapes();
+  const auto& [ad, bd] = *dims;
+  const int64_t m = transpose_a ? ad[2] : ad[1], k = transpose_a ? ad[1] : ad[2],
+                n = transpose_b ? bd[1] : bd[2];
+  const auto op = [](bool t) { return t ? CblasTrans : CblasNoTrans; };
+  // Leading dimensions are the stored row lengths whether or not an operand is transposed.
+  cblas_sgemm_batch_strided(CblasRowMajor, op(transpose_a), op(transpose_b), m, n, k, 1.0f,
+                            a.typed_data(), ad[2], ad[1] * ad[2], b.typed_data(), bd[2],
+                            bd[1] * bd[2], 0.0f, c->typed_data(), n, m * n, ad[0]);
+  return ffi::Error::Success();
+}
+#endif
 
 }  // namespace
 
@@ -341,13 +381,20 @@ JTKD_DEFINE_HANDLER(JtkdOnednnConvForward, Forward)
 JTKD_DEFINE_HANDLER(JtkdOnednnConvBackwardData, BackwardData)
 JTKD_DEFINE_HANDLER(JtkdOnednnConvBackwardWeights, BackwardWeights)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdOnednnMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
+// Every matmul handler: op(a) @ op(b), as `matmul` in jtkd/models/onednn.py.
+#define JTKD_DEFINE_MATMUL_HANDLER(symbol, fn)                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                            \
+                                ffi::Ffi::Bind()                       \
+                                    .Arg<ffi::Buffer<ffi::F32>>()      \
+                                    .Arg<ffi::Buffer<ffi::F32>>()      \
+                                    .Ret<ffi::Buffer<ffi::F32>>()      \
+                                    .Attr<bool>("transpose_a")         \
+                                    .Attr<bool>("transpose_b"));
+
+JTKD_DEFINE_MATMUL_HANDLER(JtkdOnednnMatmul, Matmul)
+#ifdef JTKD_WITH_MKL
+JTKD_DEFINE_MATMUL_HANDLER(JtkdMklMatmul, MklMatmul)
+#endif
 
 namespace {
 // Writes `impl()` (or the oneDNN error it throws) NUL-terminated into `out`;

@@ -230,14 +230,21 @@ def linear(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> j
     On the CPU in float32 with at least `_ONEDNN_LINEAR_ROWS` rows, the gradients are oneDNN's matmuls,
     which read transposed operands in place: the weight gradient contracts over the rows (x^T g), and
     XLA:CPU's dots (YNNPACK) first copy a transposed operand for it (vit_b_16: ~0.25 s a step). The
-    forward stays XLA's, which fuses what comes before and after it.
+    forward stays XLA's, which fuses what comes before and after it. Where oneDNN runs AVX-512 and the
+    extension holds MKL (`onednn.mkl_available`), the forward and both gradients are MKL's sgemm.
     """
     rows = math.prod(x.shape[:-1])
     if not (_cpu_routing() and x.dtype == kernel.dtype == jnp.float32 and rows >= _ONEDNN_LINEAR_ROWS
             and onednn.enabled()):
         return x @ (kernel.T if transpose_kernel else kernel)
     x2, w = onednn.match_varying(x.reshape(rows, x.shape[-1]), kernel)
-    y = _linear(x2, w, transpose_kernel)
+    if onednn.avx512() and onednn.mkl_available():
+        # MKL's sgemm, forward and both gradients: with AVX-512 it runs every vit_b_16 linear at ~300 GFLOP/s
+        # on 2 cores, where XLA's dot and oneDNN's brgemm fall to 250 and 105-195 on wide outputs
+        # (vit_b_16 step 1.947 -> 1.869 s, swin_t 0.792 -> 0.761, convnext_tiny 0.762 -> 0.723; bench/FINDINGS.md)
+        y = onednn.matmul(x2, w, False, transpose_kernel, library="mkl")
+    else:
+        y = _linear(x2, w, transpose_kernel)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

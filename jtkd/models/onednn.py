@@ -5,7 +5,8 @@ the oneDNN of the `onednn-cpu-gomp` wheel (headers from `onednn-devel-cpu-gomp`)
 C++ compiler on first use, caches the shared object under `~/.cache/jtkd` (keyed by a hash of the
 source, jaxlib and oneDNN), and registers its handlers: convolution forward, input gradient and
 weight gradient on NHWC activations and HWIO kernels, and a batched matmul whose operands may be
-transposed, all read in place.
+transposed, all read in place. Where MKL is installed too (the `mkl` and `mkl-include` wheels), the
+library also holds the same matmul by MKL's sgemm (`matmul(..., library="mkl")`, `mkl_available()`).
 
 `conv` is differentiable (custom VJP); which gradient runs where is chosen by the caller, because
 oneDNN's weight gradient on NHWC is the slow one for kernels larger than 1x1 on AVX2 machines
@@ -37,6 +38,9 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "onednn.cc"
 _CONV_PASSES = {"fwd": "JtkdOnednnConvForward", "bwd_data": "JtkdOnednnConvBackwardData",
                 "bwd_weights": "JtkdOnednnConvBackwardWeights"}
 _TARGETS = {**{f"conv_{k}": v for k, v in _CONV_PASSES.items()}, "matmul": "JtkdOnednnMatmul"}
+_MATMUL_TARGETS = {"onednn": "matmul", "mkl": "mkl_matmul"}  # `matmul`'s libraries and their FFI targets
+# MKL's threading layer for libgomp, the OpenMP runtime oneDNN's gomp build runs on too
+_MKL_LIBS = ("mkl_intel_lp64", "mkl_gnu_thread", "mkl_core")
 
 
 class OneDNNUnavailable(RuntimeError):
@@ -48,6 +52,20 @@ def _onednn_root() -> Path:
     data prefix (where the onednn wheels install them)."""
     root = os.environ.get("JTKD_ONEDNN_ROOT")
     return Path(root) if root else Path(sysconfig.get_paths()["data"])
+
+
+def _mkl_flags() -> list[str]:
+    """Compiler flags that add MKL's sgemm to the extension, from `JTKD_MKL_ROOT` or the environment's data
+    prefix (where the mkl wheels install it); [] when its header or libraries are not there."""
+    root = Path(os.environ.get("JTKD_MKL_ROOT") or sysconfig.get_paths()["data"])
+    header, libs = root / "include" / "mkl_cblas.h", []
+    for name in _MKL_LIBS:  # the wheels ship only versioned names (libmkl_core.so.3)
+        found = sorted((root / "lib").glob(f"lib{name}.so*"), key=lambda f: len(f.name))
+        libs.append(found[0] if found else None)
+    if not header.is_file() or None in libs:
+        return []
+    return ["-DJTKD_WITH_MKL", f"-I{root / 'include'}", f"-L{root / 'lib'}", *(f"-l:{f.name}" for f in libs), "-lgomp",
+            f"-Wl,-rpath,{root / 'lib'}"]
 
 
 def _cache_dir() -> Path:
@@ -67,8 +85,9 @@ def _build() -> Path:
         raise OneDNNUnavailable(f"no C++ compiler ({cxx!r} not on PATH; set CXX)")
     import jaxlib
 
+    mkl = _mkl_flags()
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), str(lib.resolve()).encode(),
-                                     sys.version.encode()])).hexdigest()[:16]
+                                     sys.version.encode(), " ".join(mkl).encode()])).hexdigest()[:16]
     out = _cache_dir() / f"onednn-{key}.so"
     if out.is_file():
         return out
@@ -77,7 +96,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", f"-I{root / 'include'}",
-           str(SOURCE), "-o", tmp, f"-L{lib.parent}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib.parent}"]
+           str(SOURCE), "-o", tmp, f"-L{lib.parent}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib.parent}", *mkl]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -94,7 +113,8 @@ def _library() -> ctypes.CDLL | OneDNNUnavailable:
         return err
     except OSError as err:  # a broken cached build or a oneDNN that fails to load
         return OneDNNUnavailable(f"loading the oneDNN extension failed: {err}")
-    for name, symbol in _TARGETS.items():
+    targets = dict(_TARGETS, **({"mkl_matmul": "JtkdMklMatmul"} if hasattr(lib, "JtkdMklMatmul") else {}))
+    for name, symbol in targets.items():
         jax.ffi.register_ffi_target(f"jtkd_onednn_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
     p = ctypes.POINTER(ctypes.c_int64)
@@ -141,6 +161,11 @@ def reason() -> str:
     """Why `available()` is False ('' when it is True)."""
     lib = _library()
     return str(lib) if isinstance(lib, OneDNNUnavailable) else ""
+
+
+def mkl_available() -> bool:
+    """Whether the extension holds MKL's sgemm (built where MKL's header and libraries were found)."""
+    return available() and hasattr(_library(), "JtkdMklMatmul")
 
 
 def _require() -> ctypes.CDLL:
@@ -228,41 +253,53 @@ def _conv_bwd(geometry, xla_weight_grad, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """Batched float32 matmul by oneDNN, op(a) @ op(b) for a: (batch, m, k) and b: (batch, k, n), or
-    both unbatched (m, k) and (k, n), where op transposes the last two axes when asked; transposed
-    operands are read in place."""
-    return _matmul(*match_varying(a, b), transpose_a, transpose_b)
+def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False,
+           library: str = "onednn") -> jax.Array:
+    """Batched float32 matmul, op(a) @ op(b) for a: (batch, m, k) and b: (batch, k, n), or both
+    unbatched (m, k) and (k, n), where op transposes the last two axes when asked; transposed operands
+    are read in place. By oneDNN, or with `library="mkl"` by MKL's sgemm (see `mkl_available`); the
+    gradients' matmuls run on the same library."""
+    if library not in _MATMUL_TARGETS:
+        raise ValueError(f"matmul: library must be one of {sorted(_MATMUL_TARGETS)}, got {library!r}")
+    if library == "mkl" and not mkl_available():
+        raise OneDNNUnavailable("matmul(library='mkl'): the extension was built without MKL (pip install mkl "
+                                "mkl-include, or set JTKD_MKL_ROOT)")
+    return _matmul(*match_varying(a, b), transpose_a, transpose_b, library)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, library: str) -> jax.Array:
     m = a.shape[-1] if transpose_a else a.shape[-2]
     n = b.shape[-2] if transpose_b else b.shape[-1]
-    return _call("matmul", (*a.shape[:-2], m, n), a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return _call(_MATMUL_TARGETS[library], (*a.shape[:-2], m, n), a, b, transpose_a=transpose_a,
+                 transpose_b=transpose_b)
 
 
-def _matmul_fwd(a, b, transpose_a, transpose_b):
-    return _matmul(a, b, transpose_a, transpose_b), (a, b)
+def _matmul_fwd(a, b, transpose_a, transpose_b, library):
+    return _matmul(a, b, transpose_a, transpose_b, library), (a, b)
 
 
 def matmul_grads(a: jax.Array, b: jax.Array, dc: jax.Array, transpose_a: bool = False,
-                 transpose_b: bool = False, xla_b_grad: bool = False) -> tuple[jax.Array, jax.Array]:
-    """The gradients (da, db) of c = op(a) @ op(b) for the cotangent dc, by oneDNN matmuls reading the
-    transposed operands in place; operands of one shard_map type (`match_varying`). With `xla_b_grad`
-    db is XLA's dot instead (as `conv`'s `xla_weight_grad`)."""
+                 transpose_b: bool = False, xla_b_grad: bool = False,
+                 library: str = "onednn") -> tuple[jax.Array, jax.Array]:
+    """The gradients (da, db) of c = op(a) @ op(b) for the cotangent dc, by matmuls of `library` reading
+    the transposed operands in place; operands of one shard_map type (`match_varying`). With
+    `xla_b_grad` db is XLA's dot instead (as `conv`'s `xla_weight_grad`)."""
+    def mm(x: jax.Array, y: jax.Array, tx: bool, ty: bool) -> jax.Array:
+        return _matmul(x, y, tx, ty, library)
+
     # d op(a) = dc op(b)^T and d op(b) = op(a)^T dc, each stored back as a / b are.
-    da = _matmul(b, dc, transpose_b, True) if transpose_a else _matmul(dc, b, False, not transpose_b)
+    da = mm(b, dc, transpose_b, True) if transpose_a else mm(dc, b, False, not transpose_b)
     if xla_b_grad:
         op_a = jnp.swapaxes(a, -1, -2) if transpose_a else a
         db = jnp.swapaxes(dc, -1, -2) @ op_a if transpose_b else jnp.swapaxes(op_a, -1, -2) @ dc
     else:
-        db = _matmul(dc, a, True, transpose_a) if transpose_b else _matmul(a, dc, not transpose_a, False)
+        db = mm(dc, a, True, transpose_a) if transpose_b else mm(a, dc, not transpose_a, False)
     return da, db
 
 
-def _matmul_bwd(transpose_a, transpose_b, res, dc):
-    return matmul_grads(*res, dc, transpose_a, transpose_b)
+def _matmul_bwd(transpose_a, transpose_b, library, res, dc):
+    return matmul_grads(*res, dc, transpose_a, transpose_b, library=library)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
