@@ -282,7 +282,9 @@ def _onednn_status(device: str) -> str:
     if not onednn.avx512():
         dense, linear = "forward, input gradient", f"linear layers' gradients ({rows})"
     elif onednn.mkl_available():
-        dense, linear = "forward and both gradients", f"linear layers on MKL's sgemm ({rows}, forward and both gradients)"
+        dense = "forward and both gradients"
+        linear = (f"linear layers on MKL's sgemm ({rows}, forward and both gradients), and stride-1 1x1 convolutions on "
+                  f"<= {layers._MKL_1X1_ROWS} rows")
     else:
         dense = "forward and both gradients"
         linear = f"linear layers' gradients ({rows}; wider-than-tall weight gradients on XLA (AVX-512), MKL not found)"

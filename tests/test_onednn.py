@@ -19,6 +19,8 @@ from jtkd.models import layers, onednn
 from jtkd.train import AXIS, make_mesh
 
 DN = ("NHWC", "HWIO", "NHWC")
+# The matmul rules of linear layers and small 1x1 convolutions: (oneDNN's ISA is AVX-512, the extension holds MKL)
+LINEAR_RULES = {"avx2": (False, True), "avx512_no_mkl": (True, False), "avx512_mkl": (True, True)}
 
 # (input NHWC, kernel HWIO, strides, padding, dilation, groups); odd sizes, asymmetric padding
 CASES = {
@@ -164,6 +166,33 @@ def test_dense_convolutions_weight_gradient_by_isa(avx512, monkeypatch):
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rule", LINEAR_RULES)
+@pytest.mark.parametrize("rows", ["small", "large"])
+def test_1x1_convolutions_on_mkl_for_small_maps(rows, rule, monkeypatch):
+    """A stride-1 1x1 convolution: MKL's matmul at most `_MKL_1X1_ROWS` rows where oneDNN has AVX-512 and
+    the extension MKL, oneDNN's convolution otherwise (and a strided one always); values and gradients
+    equal XLA's convolution."""
+    avx512, mkl = LINEAR_RULES[rule]
+    monkeypatch.setattr(onednn, "avx512", lambda: avx512)
+    monkeypatch.setattr(onednn, "mkl_available", lambda: mkl)
+    monkeypatch.setattr(layers, "_MKL_1X1_ROWS", 2 * 9 * 7 if rows == "small" else 2 * 9 * 7 - 1)
+    x, w = _operands("1x1")  # 2 x 9 x 7 rows
+
+    def loss(conv, x, w, strides=(1, 1)):
+        return jnp.sum(jnp.sin(conv(x, w, strides, ((0, 0), (0, 0)), dimension_numbers=DN)))
+
+    grad = jax.jit(jax.grad(functools.partial(loss, layers.conv), argnums=(0, 1)))
+    text = grad.lower(x, w).as_text()
+    on_mkl = rule == "avx512_mkl" and rows == "small"
+    assert ("jtkd_onednn_mkl_matmul" in text, "jtkd_onednn_conv_fwd" in text) == (on_mkl, not on_mkl)
+    strided = jax.jit(jax.grad(functools.partial(loss, layers.conv, strides=(2, 2)), argnums=(0, 1)))
+    assert "jtkd_onednn_mkl_matmul" not in strided.lower(x, w).as_text()
+    ref = jax.grad(functools.partial(loss, functools.partial(jax.lax.conv_general_dilated, precision="highest")),
+                   argnums=(0, 1))(x, w)
+    for g, r in zip(grad(x, w), ref):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
 def test_mismatched_groups_are_a_clear_error():
     x, w = _operands("grouped_3x3")
     with pytest.raises(Exception, match="do not match the groups"):
@@ -247,10 +276,6 @@ def test_attention_shapes_get_optimised_matmul_kernels():
                                          ((batch, n, n), (batch, n, d), True, False)]:  # p^T dv, ds^T q
             impl = onednn.matmul_implementation(a_shape, b_shape, ta, tb)
             assert impl and not impl.startswith(("ref", "error")), (a_shape, b_shape, ta, tb, impl)
-
-
-# The linear layer's rules: (oneDNN's ISA is AVX-512, the extension holds MKL)
-LINEAR_RULES = {"avx2": (False, True), "avx512_no_mkl": (True, False), "avx512_mkl": (True, True)}
 
 
 @pytest.mark.parametrize("rule", LINEAR_RULES)
