@@ -279,15 +279,14 @@ def _onednn_status(device: str) -> str:
     if not onednn.enabled():
         return f"off ({onednn.reason() or 'JTKD_ONEDNN=0'})"
     rows = f">= {layers._ONEDNN_LINEAR_ROWS} rows"
-    if not onednn.avx512():
-        dense, linear = "forward, input gradient", f"linear layers' gradients ({rows})"
-    elif onednn.mkl_available():
-        dense = "forward and both gradients"
+    dense = "forward and both gradients" if onednn.avx512() else "forward, input gradient"
+    if layers._mkl_matmuls():
         linear = (f"linear layers on MKL's sgemm ({rows}, forward and both gradients), and stride-1 1x1 convolutions on "
                   f"<= {layers._MKL_1X1_ROWS} rows")
-    else:
-        dense = "forward and both gradients"
+    elif onednn.avx512():
         linear = f"linear layers' gradients ({rows}; wider-than-tall weight gradients on XLA (AVX-512), MKL not found)"
+    else:
+        linear = f"linear layers' gradients ({rows})"
     return ("depthwise, grouped and 1x1 convolutions (forward and both gradients); dense convolutions with "
             f">= {layers._ONEDNN_DENSE_ROWS} output rows ({dense}); attention's batched matmuls; {linear}")
 

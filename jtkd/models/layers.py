@@ -69,6 +69,12 @@ def _cpu_routing() -> bool:
             and not _XLA_ONLY.get())
 
 
+def _mkl_matmuls() -> bool:
+    """Whether linear layers and small 1x1 convolutions run on MKL's sgemm: where oneDNN runs AVX-512 and the
+    extension holds MKL (on AVX2 oneDNN's matmul was as fast; bench/FINDINGS.md)."""
+    return onednn.avx512() and onednn.mkl_available()
+
+
 def _shifted_slices(x: jax.Array, kernel: tuple[int, int], strides: Sequence[int],
                     padding: Sequence[tuple[int, int]], dilation: Sequence[int], pad_value: float = 0.0) -> list[jax.Array]:
     """The kh*kw strided windows of the padded NHWC input, each of the output's spatial shape."""
@@ -138,7 +144,7 @@ def conv(
     geometry = (tuple(window_strides), tuple(tuple(p) for p in padding), dilation, feature_group_count)
     if (use_onednn and kh * kw_ == 1 and feature_group_count == 1 and tuple(window_strides) == (1, 1)
             and all(tuple(p) == (0, 0) for p in padding) and math.prod(lhs.shape[:3]) <= _MKL_1X1_ROWS
-            and onednn.avx512() and onednn.mkl_available()):
+            and _mkl_matmuls()):
         # MKL: resnet50's 7x7 and 14x14 maps 1.3-1.6x oneDNN's (resnet50 64 px: 0.365 -> 0.317 s a step)
         return onednn.matmul(lhs.reshape(-1, cin), rhs.reshape(cin, cout), library="mkl").reshape(*lhs.shape[:3], cout)
     if use_onednn and (feature_group_count > 1 or kh * kw_ == 1):
@@ -246,14 +252,14 @@ def linear(x: jax.Array, kernel: jax.Array, transpose_kernel: bool = False) -> j
     if not (_cpu_routing() and x.dtype == kernel.dtype == jnp.float32 and rows >= _ONEDNN_LINEAR_ROWS
             and onednn.enabled()):
         return x @ (kernel.T if transpose_kernel else kernel)
-    x2, w = onednn.match_varying(x.reshape(rows, x.shape[-1]), kernel)
-    if onednn.avx512() and onednn.mkl_available():
+    x2 = x.reshape(rows, x.shape[-1])
+    if _mkl_matmuls():
         # MKL's sgemm, forward and both gradients: with AVX-512 it runs every vit_b_16 linear at ~300 GFLOP/s
         # on 2 cores, where XLA's dot and oneDNN's brgemm fall to 250 and 105-195 on wide outputs
         # (vit_b_16 step 1.947 -> 1.869 s, swin_t 0.792 -> 0.761, convnext_tiny 0.762 -> 0.723; bench/FINDINGS.md)
-        y = onednn.matmul(x2, w, False, transpose_kernel, library="mkl")
+        y = onednn.matmul(x2, kernel, False, transpose_kernel, library="mkl")
     else:
-        y = _linear(x2, w, transpose_kernel)
+        y = _linear(*onednn.match_varying(x2, kernel), transpose_kernel)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

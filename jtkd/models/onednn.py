@@ -38,6 +38,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "onednn.cc"
 _CONV_PASSES = {"fwd": "JtkdOnednnConvForward", "bwd_data": "JtkdOnednnConvBackwardData",
                 "bwd_weights": "JtkdOnednnConvBackwardWeights"}
 _TARGETS = {**{f"conv_{k}": v for k, v in _CONV_PASSES.items()}, "matmul": "JtkdOnednnMatmul"}
+_MKL_TARGET = {"mkl_matmul": "JtkdMklMatmul"}  # in the library only where it was built with MKL
 _MATMUL_TARGETS = {"onednn": "matmul", "mkl": "mkl_matmul"}  # `matmul`'s libraries and their FFI targets
 # MKL's threading layer for libgomp, the OpenMP runtime oneDNN's gomp build runs on too
 _MKL_LIBS = ("mkl_intel_lp64", "mkl_gnu_thread", "mkl_core")
@@ -113,8 +114,7 @@ def _library() -> ctypes.CDLL | OneDNNUnavailable:
         return err
     except OSError as err:  # a broken cached build or a oneDNN that fails to load
         return OneDNNUnavailable(f"loading the oneDNN extension failed: {err}")
-    targets = dict(_TARGETS, **({"mkl_matmul": "JtkdMklMatmul"} if hasattr(lib, "JtkdMklMatmul") else {}))
-    for name, symbol in targets.items():
+    for name, symbol in {**_TARGETS, **{k: v for k, v in _MKL_TARGET.items() if hasattr(lib, v)}}.items():
         jax.ffi.register_ffi_target(f"jtkd_onednn_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
     p = ctypes.POINTER(ctypes.c_int64)
@@ -165,7 +165,7 @@ def reason() -> str:
 
 def mkl_available() -> bool:
     """Whether the extension holds MKL's sgemm (built where MKL's header and libraries were found)."""
-    return available() and hasattr(_library(), "JtkdMklMatmul")
+    return available() and all(hasattr(_library(), symbol) for symbol in _MKL_TARGET.values())
 
 
 def _require() -> ctypes.CDLL:
