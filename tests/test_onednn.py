@@ -384,3 +384,110 @@ def test_linear_sharded_gradient_equals_single_device(four_devices, shape, rule,
     loss = functools.partial(_loss, layers.linear)
     expected = sum(jax.grad(loss, argnums=1)(x[i : i + 1], w) for i in range(4))
     np.testing.assert_allclose(_sharded_grad(loss)(x, w), expected, atol=1e-4, rtol=1e-5)
+
+
+# (batch, tokens, heads, head_dim) for the fused attention: odd token counts, one head, odd head_dim
+ATTENTION_CASES = {"vit_like": (2, 37, 4, 16), "one_head": (3, 11, 1, 8), "odd_head_dim": (1, 50, 3, 7)}
+
+
+def _reference_attention(qkv, heads):
+    """torch's MultiheadAttention core written out: per head softmax(q k^T / sqrt(hd)) v, heads joined."""
+    b, n, width = qkv.shape
+    hd = width // (3 * heads)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, heads, hd), 2, 0)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(hd)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v, precision="highest").reshape(b, n, width // 3)
+
+
+def _qkv(case, seed=7, scale=2.0):
+    b, n, h, hd = ATTENTION_CASES[case]
+    rng = np.random.default_rng(seed)  # scale 2: softmax rows far from uniform
+    return jnp.asarray(rng.standard_normal((b, n, 3 * h * hd)) * scale, jnp.float32), h
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_fused_attention_values_and_gradient_match_reference(case):
+    """`onednn.attention` (MKL is a dependency on Linux x86-64): one kernel forward, one backward, no matmuls
+    or transposes of q, k, v around them; values and the qkv gradient against the formula."""
+    qkv, h = _qkv(case)
+    mine = functools.partial(onednn.attention, num_heads=h)
+    ref = functools.partial(_reference_attention, heads=h)
+    loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))  # noqa: E731
+    grad = jax.jit(jax.grad(loss(mine)))
+    text = grad.lower(qkv).as_text()
+    assert (text.count("jtkd_onednn_mkl_attention_fwd"), text.count("jtkd_onednn_mkl_attention_bwd")) == (1, 1)
+    assert "matmul" not in text and "dot_general" not in text
+    out = jax.jit(mine)(qkv)
+    assert out.shape == (qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+    np.testing.assert_allclose(out, ref(qkv), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad(qkv), jax.grad(loss(ref))(qkv), atol=5e-5, rtol=1e-5)
+
+
+def test_layers_attention_routes_to_the_fused_kernel_or_falls_back(monkeypatch):
+    """float32 on the CPU with MKL: the fused kernel; with dropout, bfloat16, `xla_operations()`, without
+    MKL or with `JTKD_ONEDNN=0`: batched matmuls and a softmax. Every route gives the same values."""
+    qkv, h = _qkv("vit_like", seed=8)
+    fused = "jtkd_onednn_mkl_attention_fwd"
+    expected = _reference_attention(qkv, h)
+
+    def routed(fn=None):  # a new function each time: jit caches traces by function
+        f = jax.jit(fn or (lambda x: layers.attention(x, h)))
+        return f.lower(qkv).as_text(), f(qkv)
+
+    text, out = routed()
+    assert fused in text
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    text, out = routed(lambda x: layers.attention(x, h, dropout=lambda a: a * 1.0))
+    assert fused not in text and "jtkd_onednn_matmul" in text
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    text, out = routed(lambda x: layers.attention(x.astype(jnp.bfloat16), h))
+    assert fused not in text and out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=0.1)
+    with layers.xla_operations():
+        text, out = routed()
+    assert "jtkd_onednn" not in text
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    with monkeypatch.context() as m:
+        m.setattr(onednn, "mkl_available", lambda: False)
+        text, out = routed()
+        assert fused not in text and "jtkd_onednn_matmul" in text
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    monkeypatch.setenv("JTKD_ONEDNN", "0")
+    text, out = routed()
+    assert "jtkd_onednn" not in text
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_vit_self_attention_uses_the_fused_kernel_and_dropout_falls_back():
+    from jtkd.models.vit import MultiheadAttention
+
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 13, 24)), jnp.float32)
+    mha = MultiheadAttention(num_heads=3, attention_dropout=0.5)
+    variables = mha.init(jax.random.key(0), x)
+    assert "jtkd_onednn_mkl_attention_fwd" in jax.jit(mha.apply).lower(variables, x).as_text()
+    train = jax.jit(lambda v, x: mha.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)}))
+    assert "jtkd_onednn_mkl_attention_fwd" not in train.lower(variables, x).as_text()
+    assert not np.allclose(train(variables, x), mha.apply(variables, x))  # dropout is on
+
+
+def test_fused_attention_sharded_gradient_equals_single_device(four_devices):
+    """qkv varies over the devices, a replicated scale on it gets its gradient summed exactly once."""
+    qkv, h = _qkv("one_head", seed=10)
+    qkv = jnp.concatenate([qkv, qkv[:1] * 0.5])  # batch 4, one example per device
+    w = jnp.linspace(0.5, 1.5, qkv.shape[-1], dtype=jnp.float32)
+    loss = lambda x, w: jnp.sum(jnp.sin(onednn.attention(x * w, h)))  # noqa: E731
+    expected = sum(jax.grad(loss, argnums=1)(qkv[i : i + 1], w) for i in range(4))
+    np.testing.assert_allclose(_sharded_grad(loss)(qkv, w), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_fused_attention_bad_input_is_a_clear_error(monkeypatch):
+    qkv, _ = _qkv("vit_like")
+    with pytest.raises(ValueError, match=r"3 \* 5 \* head_dim"):
+        onednn.attention(qkv, 5)
+    with pytest.raises(ValueError, match="not 3 \\* 5 heads"):
+        layers.attention(qkv, 5)
+    with pytest.raises(ValueError, match="batch, tokens"):
+        onednn.attention(qkv[0], 4)
+    monkeypatch.setattr(onednn, "mkl_available", lambda: False)
+    with pytest.raises(onednn.OneDNNUnavailable, match="built without MKL"):
+        onednn.attention(qkv, 4)

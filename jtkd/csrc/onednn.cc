@@ -19,7 +19,9 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 #ifdef JTKD_WITH_MKL
-#include "mkl_cblas.h"
+#include <omp.h>
+
+#include "mkl.h"
 #endif
 
 namespace ffi = xla::ffi;
@@ -359,6 +361,146 @@ ffi::Error MklMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                             bd[1] * bd[2], 0.0f, c->typed_data(), n, m * n, ad[0]);
   return ffi::Error::Success();
 }
+
+// Self-attention over a packed (batch, tokens, 3 x heads x head_dim) q|k|v
+// tensor, as torch's in_proj writes it, one (batch, head) at a time: the
+// scores, softmax and products of one head stay in cache, and q, k, v and the
+// output are read and written in place through their row strides, where
+// XLA needs transposed copies of q, k, v and of the output, and the scores
+// make a round trip through memory between each step (bench/FINDINGS.md).
+struct AttentionDims {
+  int64_t batch, tokens, heads, head_dim;
+  int64_t width() const { return heads * head_dim; }  // one of q, k, v per token
+};
+
+std::optional<AttentionDims> GetAttentionDims(ffi::Span<const int64_t> qkv, int64_t heads) {
+  if (qkv.size() != 3 || heads < 1 || qkv[2] % (3 * heads) != 0) return std::nullopt;
+  return AttentionDims{qkv[0], qkv[1], heads, qkv[2] / (3 * heads)};
+}
+
+ffi::Error BadAttentionShapes() {
+  return ffi::Error::InvalidArgument(
+      "jtkd attention: expected qkv of shape (batch, tokens, 3 x heads x head_dim), "
+      "out (batch, tokens, heads x head_dim), probs (batch, heads, tokens, tokens)");
+}
+
+// The row loops below are built for the CPU they run on: the library is
+// compiled for baseline x86-64, whose 4-wide vectors made the softmax take as
+// long as either of a head's products.
+#define JTKD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// Each row of the n x n s becomes softmax(row), in place.
+JTKD_VECTOR_CLONES void SoftmaxRows(float* s, int64_t n) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = s + r * n;
+    float m = row[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < n; ++c) m = row[c] > m ? row[c] : m;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) row[c] -= m;
+  }
+  vsExp(n * n, s, s);
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = s + r * n;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < n; ++c) sum += row[c];
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) row[c] *= inv;
+  }
+}
+
+// The softmax's gradient by rows, in place of the incoming gradient g:
+// g = p * (g - sum(g * p)).
+JTKD_VECTOR_CLONES void SoftmaxGradRows(const float* p, float* g, int64_t n) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* pr = p + r * n;
+    float* gr = g + r * n;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < n; ++c) dot += gr[c] * pr[c];
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) gr[c] = pr[c] * (gr[c] - dot);
+  }
+}
+
+// Runs body(batch index, head index) for every pair, the pairs split over
+// OpenMP threads with MKL sequential inside each.
+template <typename F>
+void ForEachHead(const AttentionDims& a, F body) {
+  const int64_t pairs = a.batch * a.heads;
+#pragma omp parallel
+  {
+    const int saved = mkl_set_num_threads_local(1);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < pairs; ++i) body(i / a.heads, i % a.heads);
+    mkl_set_num_threads_local(saved);
+  }
+}
+
+// probs = softmax(scale q k^T) by rows, out = probs v.
+ffi::Error AttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> probs, int64_t heads, float scale) {
+  const auto dims = GetAttentionDims(qkv.dimensions(), heads);
+  if (!dims) return BadAttentionShapes();
+  const AttentionDims a = *dims;
+  const int64_t n = a.tokens, dh = a.head_dim, w = a.width(), ld = 3 * w;
+  const auto od = out->dimensions(), pd = probs->dimensions();
+  if (od.size() != 3 || od[0] != a.batch || od[1] != n || od[2] != w || pd.size() != 4 ||
+      pd[0] != a.batch || pd[1] != heads || pd[2] != n || pd[3] != n) {
+    return BadAttentionShapes();
+  }
+  const float* x = qkv.typed_data();
+  float* o = out->typed_data();
+  float* p = probs->typed_data();
+  ForEachHead(a, [&](int64_t bi, int64_t hi) {
+    const float* q = x + bi * n * ld + hi * dh;
+    float* s = p + (bi * heads + hi) * n * n;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, dh, scale, q, ld, q + w, ld, 0.0f, s, n);
+    SoftmaxRows(s, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, n, 1.0f, s, n, q + 2 * w, ld, 0.0f,
+                o + bi * n * w + hi * dh, w);
+  });
+  return ffi::Error::Success();
+}
+
+// With ds = probs * (dprobs - rowsum(dprobs * probs)), dprobs = dout v^T:
+// dq = scale ds k, dk = scale ds^T q, dv = probs^T dout, into a packed dqkv.
+ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> probs,
+                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv,
+                             int64_t heads, float scale) {
+  const auto dims = GetAttentionDims(qkv.dimensions(), heads);
+  if (!dims) return BadAttentionShapes();
+  const AttentionDims a = *dims;
+  const int64_t n = a.tokens, dh = a.head_dim, w = a.width(), ld = 3 * w;
+  const auto gd = dout.dimensions(), pd = probs.dimensions(), dd = dqkv->dimensions();
+  if (gd.size() != 3 || gd[0] != a.batch || gd[1] != n || gd[2] != w || pd.size() != 4 ||
+      pd[0] != a.batch || pd[1] != heads || pd[2] != n || pd[3] != n || dd.size() != 3 ||
+      dd[0] != a.batch || dd[1] != n || dd[2] != ld) {
+    return BadAttentionShapes();
+  }
+  const float* x = qkv.typed_data();
+  const float* p = probs.typed_data();
+  const float* g = dout.typed_data();
+  float* dx = dqkv->typed_data();
+  std::vector<std::vector<float>> scratch(omp_get_max_threads());
+  ForEachHead(a, [&](int64_t bi, int64_t hi) {
+    auto& ds_buf = scratch[omp_get_thread_num()];
+    ds_buf.resize(n * n);
+    float* ds = ds_buf.data();
+    const float* q = x + bi * n * ld + hi * dh;
+    const float* s = p + (bi * heads + hi) * n * n;
+    const float* go = g + bi * n * w + hi * dh;
+    float* dq = dx + bi * n * ld + hi * dh;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dh, n, 1.0f, s, n, go, w, 0.0f, dq + 2 * w, ld);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, dh, 1.0f, go, w, q + 2 * w, ld, 0.0f, ds, n);
+    SoftmaxGradRows(s, ds, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, n, scale, ds, n, q + w, ld, 0.0f, dq, ld);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dh, n, scale, ds, n, q, ld, 0.0f, dq + w, ld);
+  });
+  return ffi::Error::Success();
+}
 #endif
 
 }  // namespace
@@ -394,6 +536,21 @@ JTKD_DEFINE_HANDLER(JtkdOnednnConvBackwardWeights, BackwardWeights)
 JTKD_DEFINE_MATMUL_HANDLER(JtkdOnednnMatmul, Matmul)
 #ifdef JTKD_WITH_MKL
 JTKD_DEFINE_MATMUL_HANDLER(JtkdMklMatmul, MklMatmul)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdMklAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdMklAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
 #endif
 
 namespace {

@@ -197,6 +197,37 @@ def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transp
     return jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, jnp.swapaxes(b, -1, -2) if transpose_b else b)
 
 
+def attention(qkv: jax.Array, num_heads: int,
+              dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """Self-attention softmax(q k^T / sqrt(head_dim)) v for every head, from a packed qkv of shape (batch,
+    tokens, 3 * num_heads * head_dim) laid out as torch's in_proj writes it; returns (batch, tokens,
+    num_heads * head_dim), the heads side by side. `dropout`, if given, applies to the attention weights.
+
+    On the CPU in float32 with MKL (and no dropout) this is one fused kernel per (batch, head) forward and
+    backward (`onednn.attention`): vit_b_16's attention forward + backward 15.9 -> 9.3 ms a layer, torch's
+    flash attention 16.6 ms (bench/FINDINGS.md). Elsewhere: two batched matmuls and a softmax, in float32."""
+    b, n, width = qkv.shape
+    if width % (3 * num_heads):
+        raise ValueError(f"attention: the last axis of qkv {qkv.shape} is not 3 * {num_heads} heads * head_dim")
+    if dropout is None and _fused_attention(qkv):
+        return onednn.attention(qkv, num_heads)
+    head_dim = width // (3 * num_heads)
+    # Head-major (3, b, h, n, hd): each head's q, k, v contiguous for the batched matmuls. split, not
+    # qkv[i]: the gradient is one concatenate, where indexing's is three padded copies summed.
+    q, k, v = (t[0] for t in jnp.split(qkv.reshape(b, n, 3, num_heads, head_dim).transpose(2, 0, 3, 1, 4), 3))
+    scores = batched_matmul(q * (1.0 / math.sqrt(head_dim)), k, transpose_b=True)
+    attn = softmax(scores.astype(jnp.float32), axis=-1).astype(qkv.dtype)
+    if dropout is not None:
+        attn = dropout(attn)
+    return batched_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, width // 3)
+
+
+def _fused_attention(qkv: jax.Array) -> bool:
+    """Whether `attention` runs MKL's fused kernel: on the CPU in float32 where the extension holds MKL (with
+    AVX-512, and with both libraries capped at AVX2: 14.1 against 21.8 ms; bench/FINDINGS.md)."""
+    return _cpu_routing() and qkv.dtype == jnp.float32 and onednn.enabled() and onednn.mkl_available()
+
+
 def Conv2d(
     features: int,
     kernel_size: int | Sequence[int],

@@ -38,7 +38,9 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "onednn.cc"
 _CONV_PASSES = {"fwd": "JtkdOnednnConvForward", "bwd_data": "JtkdOnednnConvBackwardData",
                 "bwd_weights": "JtkdOnednnConvBackwardWeights"}
 _TARGETS = {**{f"conv_{k}": v for k, v in _CONV_PASSES.items()}, "matmul": "JtkdOnednnMatmul"}
-_MKL_TARGET = {"mkl_matmul": "JtkdMklMatmul"}  # in the library only where it was built with MKL
+# in the library only where it was built with MKL
+_MKL_TARGETS = {"mkl_matmul": "JtkdMklMatmul", "mkl_attention_fwd": "JtkdMklAttentionForward",
+                "mkl_attention_bwd": "JtkdMklAttentionBackward"}
 _MATMUL_TARGETS = {"onednn": "matmul", "mkl": "mkl_matmul"}  # `matmul`'s libraries and their FFI targets
 # MKL's threading layer for libgomp, the OpenMP runtime oneDNN's gomp build runs on too
 _MKL_LIBS = ("mkl_intel_lp64", "mkl_gnu_thread", "mkl_core")
@@ -65,7 +67,7 @@ def _mkl_flags() -> list[str]:
         libs.append(found[0] if found else None)
     if not header.is_file() or None in libs:
         return []
-    return ["-DJTKD_WITH_MKL", f"-I{root / 'include'}", f"-L{root / 'lib'}", *(f"-l:{f.name}" for f in libs), "-lgomp",
+    return ["-DJTKD_WITH_MKL", "-fopenmp", f"-I{root / 'include'}", f"-L{root / 'lib'}", *(f"-l:{f.name}" for f in libs), "-lgomp",
             f"-Wl,-rpath,{root / 'lib'}"]
 
 
@@ -114,7 +116,7 @@ def _library() -> ctypes.CDLL | OneDNNUnavailable:
         return err
     except OSError as err:  # a broken cached build or a oneDNN that fails to load
         return OneDNNUnavailable(f"loading the oneDNN extension failed: {err}")
-    for name, symbol in {**_TARGETS, **{k: v for k, v in _MKL_TARGET.items() if hasattr(lib, v)}}.items():
+    for name, symbol in {**_TARGETS, **{k: v for k, v in _MKL_TARGETS.items() if hasattr(lib, v)}}.items():
         jax.ffi.register_ffi_target(f"jtkd_onednn_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
     p = ctypes.POINTER(ctypes.c_int64)
@@ -165,7 +167,7 @@ def reason() -> str:
 
 def mkl_available() -> bool:
     """Whether the extension holds MKL's sgemm (built where MKL's header and libraries were found)."""
-    return available() and all(hasattr(_library(), symbol) for symbol in _MKL_TARGET.values())
+    return available() and all(hasattr(_library(), symbol) for symbol in _MKL_TARGETS.values())
 
 
 def _require() -> ctypes.CDLL:
@@ -198,13 +200,16 @@ def _out_shape(x_shape: Sequence[int], w_shape: Sequence[int], geometry: Geometr
             conv_out_size(w, kw, strides[1], padding[1], dilation[1]), o)
 
 
-def _call(target: str, shape: Sequence[int], *operands: jax.Array, **attrs: Any) -> jax.Array:
-    """One FFI call; under shard_map its result varies over the axes its operands vary over."""
+def _call(target: str, shape: Sequence[int] | list[Sequence[int]], *operands: jax.Array, **attrs: Any) -> Any:
+    """One FFI call with a float32 result of `shape`, or a list of results for a list of shapes; under
+    shard_map its results vary over the axes its operands vary over."""
     _require()
-    out = jax.ffi.ffi_call(f"jtkd_onednn_{target}", jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                           vmap_method="sequential")(*operands, **attrs)
-    axes = _varying(*operands)  # ffi_call results carry no shard_map type of their own
-    return jax.lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
+    shapes = shape if isinstance(shape, list) else [shape]
+    outs = jax.ffi.ffi_call(f"jtkd_onednn_{target}", [jax.ShapeDtypeStruct(tuple(s), jnp.float32) for s in shapes],
+                            vmap_method="sequential")(*operands, **attrs)
+    axes = tuple(sorted(_varying(*operands)))  # ffi_call results carry no shard_map type of their own
+    outs = [jax.lax.pcast(o, axes, to="varying") if axes else o for o in outs]
+    return outs if isinstance(shape, list) else outs[0]
 
 
 def _varying(*arrays: jax.Array) -> frozenset:
@@ -303,6 +308,45 @@ def _matmul_bwd(transpose_a, transpose_b, library, res, dc):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def attention(qkv: jax.Array, num_heads: int) -> jax.Array:
+    """Self-attention by MKL (see `mkl_available`), softmax(q k^T / sqrt(head_dim)) v for every head, from a
+    packed float32 qkv of shape (batch, tokens, 3 * num_heads * head_dim), laid out as torch's in_proj writes
+    it (q | k | v, each heads x head_dim); returns (batch, tokens, num_heads * head_dim), the heads side by
+    side as torch joins them. One kernel per (batch, head) keeps the scores in cache and reads q, k, v in
+    place; the gradient is one call too, from the softmax saved by the forward pass."""
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"attention: qkv must be (batch, tokens, 3 * {num_heads} * head_dim), got {qkv.shape}")
+    if not mkl_available():
+        raise OneDNNUnavailable("attention: the extension was built without MKL (pip install mkl mkl-include, "
+                                "or set JTKD_MKL_ROOT)")
+    return _attention(qkv, num_heads)
+
+
+def _attention_attrs(qkv: jax.Array, num_heads: int) -> dict:
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    return dict(heads=np.int64(num_heads), scale=np.float32(1.0 / np.sqrt(head_dim)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _attention(qkv: jax.Array, num_heads: int) -> jax.Array:
+    return _attention_fwd(qkv, num_heads)[0]
+
+
+def _attention_fwd(qkv, num_heads):
+    b, n, width = qkv.shape
+    out, probs = _call("mkl_attention_fwd", [(b, n, width // 3), (b, num_heads, n, n)], qkv,
+                       **_attention_attrs(qkv, num_heads))
+    return out, (qkv, probs)
+
+
+def _attention_bwd(num_heads, res, dout):
+    qkv, probs = res
+    return (_call("mkl_attention_bwd", qkv.shape, *match_varying(qkv, probs, dout), **_attention_attrs(qkv, num_heads)),)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def implementation(kind: str, x_shape: Sequence[int], w_shape: Sequence[int], geometry: Geometry) -> str:

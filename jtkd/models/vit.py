@@ -15,6 +15,7 @@ renamed to `mlp.{0,3}` (torchvision's MLPBlock load hook).
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,15 +43,11 @@ class MultiheadAttention(nn.Module):
         h = self.num_heads
         w = self.param("in_proj_weight", _xavier, (3 * d, d), jnp.float32).astype(self.dtype)
         bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,), jnp.float32).astype(self.dtype)
-        # Head-major (3, b, h, n, hd): each head's q, k, v contiguous for the batched matmuls.
-        qkv = (layers.linear(x, w, transpose_kernel=True) + bias).reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
-        # split, not qkv[i]: the gradient is one concatenate, where indexing's is three padded copies summed
-        q, k, v = (t[0] for t in jnp.split(qkv, 3))
-        q = q * (1.0 / math.sqrt(d // h))
-        scores = layers.batched_matmul(q, k, transpose_b=True)
-        attn = layers.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        attn = layers.dropout(self, attn, self.attention_dropout, train)
-        out = layers.batched_matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
+        qkv = layers.linear(x, w, transpose_kernel=True) + bias
+        dropout = None
+        if train and self.attention_dropout > 0:
+            dropout = partial(layers.dropout, self, rate=self.attention_dropout, train=train)
+        out = layers.attention(qkv, h, dropout)
         return layers.Linear(d, dtype=self.dtype, name="out_proj")(out)
 
 
