@@ -408,7 +408,8 @@ def _qkv(case, seed=7, scale=2.0):
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_fused_attention_values_and_gradient_match_reference(case):
     """`onednn.attention` (MKL is a dependency on Linux x86-64): one kernel forward, one backward, no matmuls
-    or transposes of q, k, v around them; values and the qkv gradient against the formula."""
+    or transposes of q, k, v around them, and a forward pass alone keeps no softmax; values and the qkv
+    gradient against the formula."""
     qkv, h = _qkv(case)
     mine = functools.partial(onednn.attention, num_heads=h)
     ref = functools.partial(_reference_attention, heads=h)
@@ -416,7 +417,9 @@ def test_fused_attention_values_and_gradient_match_reference(case):
     grad = jax.jit(jax.grad(loss(mine)))
     text = grad.lower(qkv).as_text()
     assert (text.count("jtkd_onednn_mkl_attention_fwd"), text.count("jtkd_onednn_mkl_attention_bwd")) == (1, 1)
-    assert "matmul" not in text and "dot_general" not in text
+    assert "matmul" not in text and "dot_general" not in text and "@jtkd_onednn_mkl_attention(" not in text
+    forward = jax.jit(mine).lower(qkv).as_text()
+    assert "@jtkd_onednn_mkl_attention(" in forward and "_attention_fwd" not in forward
     out = jax.jit(mine)(qkv)
     assert out.shape == (qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
     np.testing.assert_allclose(out, ref(qkv), atol=2e-5, rtol=1e-5)
@@ -427,7 +430,7 @@ def test_layers_attention_routes_to_the_fused_kernel_or_falls_back(monkeypatch):
     """float32 on the CPU with MKL: the fused kernel; with dropout, bfloat16, `xla_operations()`, without
     MKL or with `JTKD_ONEDNN=0`: batched matmuls and a softmax. Every route gives the same values."""
     qkv, h = _qkv("vit_like", seed=8)
-    fused = "jtkd_onednn_mkl_attention_fwd"
+    fused = "jtkd_onednn_mkl_attention"
     expected = _reference_attention(qkv, h)
 
     def routed(fn=None):  # a new function each time: jit caches traces by function
@@ -464,9 +467,9 @@ def test_vit_self_attention_uses_the_fused_kernel_and_dropout_falls_back():
     x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 13, 24)), jnp.float32)
     mha = MultiheadAttention(num_heads=3, attention_dropout=0.5)
     variables = mha.init(jax.random.key(0), x)
-    assert "jtkd_onednn_mkl_attention_fwd" in jax.jit(mha.apply).lower(variables, x).as_text()
+    assert "jtkd_onednn_mkl_attention" in jax.jit(mha.apply).lower(variables, x).as_text()
     train = jax.jit(lambda v, x: mha.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)}))
-    assert "jtkd_onednn_mkl_attention_fwd" not in train.lower(variables, x).as_text()
+    assert "jtkd_onednn_mkl_attention" not in train.lower(variables, x).as_text()
     assert not np.allclose(train(variables, x), mha.apply(variables, x))  # dropout is on
 
 

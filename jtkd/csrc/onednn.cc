@@ -439,30 +439,50 @@ void ForEachHead(const AttentionDims& a, F body) {
   }
 }
 
-// probs = softmax(scale q k^T) by rows, out = probs v.
-ffi::Error AttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
-                            ffi::ResultBuffer<ffi::F32> probs, int64_t heads, float scale) {
+// out = softmax(scale q k^T) v, the softmax by rows; it is kept in `probs`
+// (batch, heads, tokens, tokens) for the gradient, or, with probs null (a
+// forward pass only), in a scratch matrix per thread.
+ffi::Error AttentionForwardInto(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32>& out,
+                                float* probs, ffi::Span<const int64_t> probs_dims, int64_t heads,
+                                float scale) {
   const auto dims = GetAttentionDims(qkv.dimensions(), heads);
   if (!dims) return BadAttentionShapes();
   const AttentionDims a = *dims;
   const int64_t n = a.tokens, dh = a.head_dim, w = a.width(), ld = 3 * w;
-  const auto od = out->dimensions(), pd = probs->dimensions();
-  if (od.size() != 3 || od[0] != a.batch || od[1] != n || od[2] != w || pd.size() != 4 ||
-      pd[0] != a.batch || pd[1] != heads || pd[2] != n || pd[3] != n) {
+  const auto od = out->dimensions(), pd = probs_dims;
+  if (od.size() != 3 || od[0] != a.batch || od[1] != n || od[2] != w ||
+      (probs && (pd.size() != 4 || pd[0] != a.batch || pd[1] != heads || pd[2] != n || pd[3] != n))) {
     return BadAttentionShapes();
   }
   const float* x = qkv.typed_data();
   float* o = out->typed_data();
-  float* p = probs->typed_data();
+  std::vector<std::vector<float>> scratch(probs ? 0 : omp_get_max_threads());
   ForEachHead(a, [&](int64_t bi, int64_t hi) {
     const float* q = x + bi * n * ld + hi * dh;
-    float* s = p + (bi * heads + hi) * n * n;
+    float* s;
+    if (probs) {
+      s = probs + (bi * heads + hi) * n * n;
+    } else {
+      auto& buf = scratch[omp_get_thread_num()];
+      buf.resize(n * n);
+      s = buf.data();
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, dh, scale, q, ld, q + w, ld, 0.0f, s, n);
     SoftmaxRows(s, n);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, n, 1.0f, s, n, q + 2 * w, ld, 0.0f,
                 o + bi * n * w + hi * dh, w);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error AttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> probs, int64_t heads, float scale) {
+  return AttentionForwardInto(qkv, out, probs->typed_data(), probs->dimensions(), heads, scale);
+}
+
+ffi::Error AttentionInference(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
+                              int64_t heads, float scale) {
+  return AttentionForwardInto(qkv, out, nullptr, {}, heads, scale);
 }
 
 // With ds = probs * (dprobs - rowsum(dprobs * probs)), dprobs = dout v^T:
@@ -540,6 +560,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdMklAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdMklAttention, AttentionInference,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));

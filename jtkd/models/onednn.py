@@ -39,8 +39,8 @@ _CONV_PASSES = {"fwd": "JtkdOnednnConvForward", "bwd_data": "JtkdOnednnConvBackw
                 "bwd_weights": "JtkdOnednnConvBackwardWeights"}
 _TARGETS = {**{f"conv_{k}": v for k, v in _CONV_PASSES.items()}, "matmul": "JtkdOnednnMatmul"}
 # in the library only where it was built with MKL
-_MKL_TARGETS = {"mkl_matmul": "JtkdMklMatmul", "mkl_attention_fwd": "JtkdMklAttentionForward",
-                "mkl_attention_bwd": "JtkdMklAttentionBackward"}
+_MKL_TARGETS = {"mkl_matmul": "JtkdMklMatmul", "mkl_attention": "JtkdMklAttention",
+                "mkl_attention_fwd": "JtkdMklAttentionForward", "mkl_attention_bwd": "JtkdMklAttentionBackward"}
 _MATMUL_TARGETS = {"onednn": "matmul", "mkl": "mkl_matmul"}  # `matmul`'s libraries and their FFI targets
 # MKL's threading layer for libgomp, the OpenMP runtime oneDNN's gomp build runs on too
 _MKL_LIBS = ("mkl_intel_lp64", "mkl_gnu_thread", "mkl_core")
@@ -315,7 +315,8 @@ def attention(qkv: jax.Array, num_heads: int) -> jax.Array:
     packed float32 qkv of shape (batch, tokens, 3 * num_heads * head_dim), laid out as torch's in_proj writes
     it (q | k | v, each heads x head_dim); returns (batch, tokens, num_heads * head_dim), the heads side by
     side as torch joins them. One kernel per (batch, head) keeps the scores in cache and reads q, k, v in
-    place; the gradient is one call too, from the softmax saved by the forward pass."""
+    place; the gradient is one call too, from the softmax saved by the forward pass (a forward pass alone
+    keeps no softmax)."""
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"attention: qkv must be (batch, tokens, 3 * {num_heads} * head_dim), got {qkv.shape}")
     if not mkl_available():
@@ -331,7 +332,8 @@ def _attention_attrs(qkv: jax.Array, num_heads: int) -> dict:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _attention(qkv: jax.Array, num_heads: int) -> jax.Array:
-    return _attention_fwd(qkv, num_heads)[0]
+    b, n, width = qkv.shape
+    return _call("mkl_attention", (b, n, width // 3), qkv, **_attention_attrs(qkv, num_heads))
 
 
 def _attention_fwd(qkv, num_heads):
