@@ -386,64 +386,81 @@ def test_linear_sharded_gradient_equals_single_device(four_devices, shape, rule,
     np.testing.assert_allclose(_sharded_grad(loss)(x, w), expected, atol=1e-4, rtol=1e-5)
 
 
-# (batch, tokens, heads, head_dim) for the fused attention: odd token counts, one head, odd head_dim
-ATTENTION_CASES = {"vit_like": (2, 37, 4, 16), "one_head": (3, 11, 1, 8), "odd_head_dim": (1, 50, 3, 7)}
+# (batch, tokens, heads, head_dim, bias groups) for the fused attention: odd token counts, one head, odd
+# head_dim; a bias per head (groups 1, maxvit) and per window (groups 3 of batch 6: swin's windows), both
+# with masked (-100) scores; scale 0.3
+ATTENTION_CASES = {"vit_like": (2, 37, 4, 16, None), "one_head": (3, 11, 1, 8, None),
+                   "odd_head_dim": (1, 50, 3, 7, None), "bias_per_head": (2, 13, 3, 8, 1),
+                   "bias_per_window": (6, 9, 2, 8, 3)}
 
 
-def _reference_attention(qkv, heads):
-    """torch's MultiheadAttention core written out: per head softmax(q k^T / sqrt(hd)) v, heads joined."""
+def _reference_attention(qkv, heads, bias=None, scale=None):
+    """torch's attention written out: per head softmax(scale q k^T + bias[i % groups]) v, heads joined."""
     b, n, width = qkv.shape
     hd = width // (3 * heads)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, heads, hd), 2, 0)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(hd)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * (hd**-0.5 if scale is None else scale)
+    if bias is not None:
+        scores = scores + jnp.tile(bias, (b // bias.shape[0], 1, 1, 1))
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v, precision="highest").reshape(b, n, width // 3)
 
 
 def _qkv(case, seed=7, scale=2.0):
-    b, n, h, hd = ATTENTION_CASES[case]
+    """qkv, heads and bias (or None) of a case."""
+    b, n, h, hd, groups = ATTENTION_CASES[case]
     rng = np.random.default_rng(seed)  # scale 2: softmax rows far from uniform
-    return jnp.asarray(rng.standard_normal((b, n, 3 * h * hd)) * scale, jnp.float32), h
+    qkv = jnp.asarray(rng.standard_normal((b, n, 3 * h * hd)) * scale, jnp.float32)
+    if groups is None:
+        return qkv, h, None
+    # Swin's masks: -100 off the diagonal at random (exp underflows there), on top of a normal bias
+    masked = (rng.random((groups, 1, n, n)) < 0.3) & ~np.eye(n, dtype=bool)
+    return qkv, h, jnp.asarray(rng.standard_normal((groups, h, n, n)) - 100.0 * masked, jnp.float32)
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES)
-def test_fused_attention_values_and_gradient_match_reference(case):
+def test_fused_attention_values_and_gradients_match_reference(case):
     """`onednn.attention` (MKL is a dependency on Linux x86-64): one kernel forward, one backward, no matmuls
-    or transposes of q, k, v around them, and a forward pass alone keeps no softmax; values and the qkv
-    gradient against the formula."""
-    qkv, h = _qkv(case)
-    mine = functools.partial(onednn.attention, num_heads=h)
-    ref = functools.partial(_reference_attention, heads=h)
-    loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))  # noqa: E731
-    grad = jax.jit(jax.grad(loss(mine)))
-    text = grad.lower(qkv).as_text()
+    or transposes of q, k, v around them, and a forward pass alone keeps no softmax; values and the qkv (and
+    bias) gradients against the formula."""
+    qkv, h, bias = _qkv(case)
+    scale = None if bias is None else 0.3
+    mine = lambda x, b: onednn.attention(x, h, b, scale)  # noqa: E731
+    ref = lambda x, b: _reference_attention(x, h, b, scale)  # noqa: E731
+    loss = lambda f: lambda x, b: jnp.sum(jnp.sin(f(x, b)))  # noqa: E731
+    argnums = (0,) if bias is None else (0, 1)
+    grad = jax.jit(jax.grad(loss(mine), argnums=argnums))
+    text = grad.lower(qkv, bias).as_text()
     assert (text.count("jtkd_onednn_mkl_attention_fwd"), text.count("jtkd_onednn_mkl_attention_bwd")) == (1, 1)
     assert "matmul" not in text and "dot_general" not in text and "@jtkd_onednn_mkl_attention(" not in text
-    forward = jax.jit(mine).lower(qkv).as_text()
+    forward = jax.jit(mine).lower(qkv, bias).as_text()
     assert "@jtkd_onednn_mkl_attention(" in forward and "_attention_fwd" not in forward
-    out = jax.jit(mine)(qkv)
+    out = jax.jit(mine)(qkv, bias)
     assert out.shape == (qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
-    np.testing.assert_allclose(out, ref(qkv), atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(grad(qkv), jax.grad(loss(ref))(qkv), atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, ref(qkv, bias), atol=2e-5, rtol=1e-5)
+    for name, g, r in zip(("qkv", "bias"), grad(qkv, bias), jax.grad(loss(ref), argnums=argnums)(qkv, bias)):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-5, err_msg=f"gradient of {name}")
 
 
-def test_layers_attention_routes_to_the_fused_kernel_or_falls_back(monkeypatch):
+@pytest.mark.parametrize("case", ["vit_like", "bias_per_window"])
+def test_layers_attention_routes_to_the_fused_kernel_or_falls_back(case, monkeypatch):
     """float32 on the CPU with MKL: the fused kernel; with dropout, bfloat16, `xla_operations()`, without
     MKL or with `JTKD_ONEDNN=0`: batched matmuls and a softmax. Every route gives the same values."""
-    qkv, h = _qkv("vit_like", seed=8)
+    qkv, h, bias = _qkv(case, seed=8)
     fused = "jtkd_onednn_mkl_attention"
-    expected = _reference_attention(qkv, h)
+    expected = _reference_attention(qkv, h, bias)
 
     def routed(fn=None):  # a new function each time: jit caches traces by function
-        f = jax.jit(fn or (lambda x: layers.attention(x, h)))
+        f = jax.jit(fn or (lambda x: layers.attention(x, h, bias)))
         return f.lower(qkv).as_text(), f(qkv)
 
     text, out = routed()
     assert fused in text
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
-    text, out = routed(lambda x: layers.attention(x, h, dropout=lambda a: a * 1.0))
+    text, out = routed(lambda x: layers.attention(x, h, bias, dropout=lambda a: a * 1.0))
     assert fused not in text and "jtkd_onednn_matmul" in text
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
-    text, out = routed(lambda x: layers.attention(x.astype(jnp.bfloat16), h))
+    text, out = routed(lambda x: layers.attention(x.astype(jnp.bfloat16), h, bias))
     assert fused not in text and out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=0.1)
     with layers.xla_operations():
@@ -473,24 +490,28 @@ def test_vit_self_attention_uses_the_fused_kernel_and_dropout_falls_back():
     assert not np.allclose(train(variables, x), mha.apply(variables, x))  # dropout is on
 
 
-def test_fused_attention_sharded_gradient_equals_single_device(four_devices):
-    """qkv varies over the devices, a replicated scale on it gets its gradient summed exactly once."""
-    qkv, h = _qkv("one_head", seed=10)
-    qkv = jnp.concatenate([qkv, qkv[:1] * 0.5])  # batch 4, one example per device
+def test_fused_attention_sharded_gradients_equal_single_device(four_devices):
+    """qkv varies over the devices; a replicated scale on it and a replicated bias get their gradients summed
+    exactly once."""
+    qkv, h, bias = _qkv("bias_per_head", seed=10)
+    qkv = jnp.concatenate([qkv, qkv * 0.5])  # batch 4, one example per device
     w = jnp.linspace(0.5, 1.5, qkv.shape[-1], dtype=jnp.float32)
-    loss = lambda x, w: jnp.sum(jnp.sin(onednn.attention(x * w, h)))  # noqa: E731
-    expected = sum(jax.grad(loss, argnums=1)(qkv[i : i + 1], w) for i in range(4))
-    np.testing.assert_allclose(_sharded_grad(loss)(qkv, w), expected, atol=1e-4, rtol=1e-5)
+    loss = lambda x, wb: jnp.sum(jnp.sin(onednn.attention(x * wb[0], h, wb[1])))  # noqa: E731
+    expected = [sum(g) for g in zip(*(jax.grad(loss, argnums=1)(qkv[i : i + 1], (w, bias)) for i in range(4)))]
+    for got, want in zip(_sharded_grad(loss)(qkv, (w, bias)), expected):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_fused_attention_bad_input_is_a_clear_error(monkeypatch):
-    qkv, _ = _qkv("vit_like")
-    with pytest.raises(ValueError, match=r"3 \* 5 \* head_dim"):
-        onednn.attention(qkv, 5)
-    with pytest.raises(ValueError, match="not 3 \\* 5 heads"):
-        layers.attention(qkv, 5)
-    with pytest.raises(ValueError, match="batch, tokens"):
-        onednn.attention(qkv[0], 4)
+    qkv, _, _ = _qkv("vit_like")
+    for fn in (onednn.attention, layers.attention):
+        with pytest.raises(ValueError, match=r"qkv must be \(batch, tokens, 3 \* 5 heads"):
+            fn(qkv, 5)
+        with pytest.raises(ValueError, match="qkv must be"):
+            fn(qkv[0], 4)
+        for shape in [(1, 4, 37, 36), (3, 4, 37, 37), (0, 4, 37, 37), (4, 37, 37)]:  # 3 groups of batch 2
+            with pytest.raises(ValueError, match=r"bias must be \(groups, 4, 37, 37\)"):
+                fn(qkv, 4, jnp.zeros(shape))
     monkeypatch.setattr(onednn, "mkl_available", lambda: False)
     with pytest.raises(onednn.OneDNNUnavailable, match="built without MKL"):
         onednn.attention(qkv, 4)

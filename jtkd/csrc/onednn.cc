@@ -7,8 +7,10 @@
 // shapes, and its weight gradients need transposed copies of the activations
 // (bench/FINDINGS.md). oneDNN reads both layouts in place; only the (small)
 // kernel is reordered into the blocked format its kernels want.
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -20,6 +22,7 @@
 #include "xla/ffi/api/ffi.h"
 #ifdef JTKD_WITH_MKL
 #include <omp.h>
+#include <xmmintrin.h>
 
 #include "mkl.h"
 #endif
@@ -368,26 +371,50 @@ ffi::Error MklMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 // output are read and written in place through their row strides, where
 // XLA needs transposed copies of q, k, v and of the output, and the scores
 // make a round trip through memory between each step (bench/FINDINGS.md).
+// An additive bias (groups, heads, tokens, tokens) joins the scores before the
+// softmax, batch element b taking group b % groups (Swin's shifted-window
+// masks and relative position biases); zero groups is none.
 struct AttentionDims {
-  int64_t batch, tokens, heads, head_dim;
+  int64_t batch, tokens, heads, head_dim, groups;
   int64_t width() const { return heads * head_dim; }  // one of q, k, v per token
+  int64_t matrix() const { return tokens * tokens; }
 };
 
-std::optional<AttentionDims> GetAttentionDims(ffi::Span<const int64_t> qkv, int64_t heads) {
-  if (qkv.size() != 3 || heads < 1 || qkv[2] % (3 * heads) != 0) return std::nullopt;
-  return AttentionDims{qkv[0], qkv[1], heads, qkv[2] / (3 * heads)};
+bool HasDims(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
+  return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
+}
+
+std::optional<AttentionDims> GetAttentionDims(ffi::Span<const int64_t> qkv,
+                                              ffi::Span<const int64_t> bias, int64_t heads) {
+  if (qkv.size() != 3 || bias.size() != 4 || heads < 1 || qkv[2] % (3 * heads) != 0) {
+    return std::nullopt;
+  }
+  const AttentionDims a{qkv[0], qkv[1], heads, qkv[2] / (3 * heads), bias[0]};
+  if (!HasDims(bias, {a.groups, heads, a.tokens, a.tokens}) ||
+      (a.groups > 0 && a.batch % a.groups != 0)) {
+    return std::nullopt;
+  }
+  return a;
 }
 
 ffi::Error BadAttentionShapes() {
   return ffi::Error::InvalidArgument(
-      "jtkd attention: expected qkv of shape (batch, tokens, 3 x heads x head_dim), "
-      "out (batch, tokens, heads x head_dim), probs (batch, heads, tokens, tokens)");
+      "jtkd attention: expected qkv (batch, tokens, 3 x heads x head_dim), bias (groups, heads, "
+      "tokens, tokens) with groups dividing batch, out (batch, tokens, heads x head_dim), probs "
+      "(batch, heads, tokens, tokens)");
 }
 
 // The row loops below are built for the CPU they run on: the library is
 // compiled for baseline x86-64, whose 4-wide vectors made the softmax take as
 // long as either of a head's products.
 #define JTKD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// VML's accurate exp. Arguments below kExpFloor take VML's slow path for
+// underflow (Swin's masked scores, -100, made its attention 10x slower), so
+// they are raised to it: exp(-87) = 1.6e-38 where the true value, at most
+// 1.6e-38 too, is a denormal or 0, against a row sum of at least 1.
+constexpr MKL_INT64 kExpMode = VML_HA | VML_FTZDAZ_ON | VML_ERRMODE_IGNORE;
+constexpr float kExpFloor = -87.0f;
 
 // Each row of the n x n s becomes softmax(row), in place.
 JTKD_VECTOR_CLONES void SoftmaxRows(float* s, int64_t n) {
@@ -397,9 +424,9 @@ JTKD_VECTOR_CLONES void SoftmaxRows(float* s, int64_t n) {
 #pragma omp simd reduction(max : m)
     for (int64_t c = 0; c < n; ++c) m = row[c] > m ? row[c] : m;
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) row[c] -= m;
+    for (int64_t c = 0; c < n; ++c) row[c] = std::max(row[c] - m, kExpFloor);
   }
-  vsExp(n * n, s, s);
+  vmsExp(n * n, s, s, kExpMode);
   for (int64_t r = 0; r < n; ++r) {
     float* row = s + r * n;
     float sum = 0.0f;
@@ -425,49 +452,58 @@ JTKD_VECTOR_CLONES void SoftmaxGradRows(const float* p, float* g, int64_t n) {
   }
 }
 
-// Runs body(batch index, head index) for every pair, the pairs split over
-// OpenMP threads with MKL sequential inside each.
+JTKD_VECTOR_CLONES void AddTo(const float* x, float* y, int64_t size) {
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) y[i] += x[i];
+}
+
+// Runs body(task, scratch) for tasks 0..count-1, split over OpenMP threads
+// with MKL sequential inside each; scratch is the thread's own `scratch_size` floats.
+// Denormals are flushed to zero, as in XLA's own kernels: probabilities of
+// masked scores can fall below float32's normal range, where every product
+// with them takes the CPU's slow path.
 template <typename F>
-void ForEachHead(const AttentionDims& a, F body) {
-  const int64_t pairs = a.batch * a.heads;
+void ForEachTask(int64_t count, int64_t scratch_size, F body) {
 #pragma omp parallel
   {
     const int saved = mkl_set_num_threads_local(1);
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);  // flush-to-zero and denormals-are-zero
+    std::vector<float> scratch(scratch_size);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < pairs; ++i) body(i / a.heads, i % a.heads);
+    for (int64_t i = 0; i < count; ++i) body(i, scratch.data());
+    _mm_setcsr(csr);
     mkl_set_num_threads_local(saved);
   }
 }
 
-// out = softmax(scale q k^T) v, the softmax by rows; it is kept in `probs`
-// (batch, heads, tokens, tokens) for the gradient, or, with probs null (a
-// forward pass only), in a scratch matrix per thread.
-ffi::Error AttentionForwardInto(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32>& out,
-                                float* probs, ffi::Span<const int64_t> probs_dims, int64_t heads,
-                                float scale) {
-  const auto dims = GetAttentionDims(qkv.dimensions(), heads);
+// out = softmax(scale q k^T + bias) v, the softmax by rows; it is kept in
+// `probs` (batch, heads, tokens, tokens) for the gradient, or, with probs null
+// (a forward pass only), in each thread's scratch.
+ffi::Error AttentionForwardInto(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                                ffi::ResultBuffer<ffi::F32>& out, float* probs,
+                                ffi::Span<const int64_t> probs_dims, int64_t heads, float scale) {
+  const auto dims = GetAttentionDims(qkv.dimensions(), bias.dimensions(), heads);
   if (!dims) return BadAttentionShapes();
   const AttentionDims a = *dims;
-  const int64_t n = a.tokens, dh = a.head_dim, w = a.width(), ld = 3 * w;
-  const auto od = out->dimensions(), pd = probs_dims;
-  if (od.size() != 3 || od[0] != a.batch || od[1] != n || od[2] != w ||
-      (probs && (pd.size() != 4 || pd[0] != a.batch || pd[1] != heads || pd[2] != n || pd[3] != n))) {
+  const int64_t n = a.tokens, dh = a.head_dim, w = a.width(), ld = 3 * w, nn = a.matrix();
+  if (!HasDims(out->dimensions(), {a.batch, n, w}) ||
+      (probs && !HasDims(probs_dims, {a.batch, heads, n, n}))) {
     return BadAttentionShapes();
   }
   const float* x = qkv.typed_data();
+  const float* b = bias.typed_data();
   float* o = out->typed_data();
-  std::vector<std::vector<float>> scratch(probs ? 0 : omp_get_max_threads());
-  ForEachHead(a, [&](int64_t bi, int64_t hi) {
+  ForEachTask(a.batch * heads, probs ? 0 : nn, [&](int64_t i, float* scratch) {
+    const int64_t bi = i / heads, hi = i % heads;
     const float* q = x + bi * n * ld + hi * dh;
-    float* s;
-    if (probs) {
-      s = probs + (bi * heads + hi) * n * n;
-    } else {
-      auto& buf = scratch[omp_get_thread_num()];
-      buf.resize(n * n);
-      s = buf.data();
+    float* s = probs ? probs + i * nn : scratch;
+    float beta = 0.0f;
+    if (a.groups > 0) {
+      std::copy_n(b + ((bi % a.groups) * heads + hi) * nn, nn, s);
+      beta = 1.0f;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, dh, scale, q, ld, q + w, ld, 0.0f, s, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, dh, scale, q, ld, q + w, ld, beta, s, n);
     SoftmaxRows(s, n);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, n, 1.0f, s, n, q + 2 * w, ld, 0.0f,
                 o + bi * n * w + hi * dh, w);
@@ -475,50 +511,68 @@ ffi::Error AttentionForwardInto(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
-                            ffi::ResultBuffer<ffi::F32> probs, int64_t heads, float scale) {
-  return AttentionForwardInto(qkv, out, probs->typed_data(), probs->dimensions(), heads, scale);
+ffi::Error AttentionForward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> probs,
+                            int64_t heads, float scale) {
+  return AttentionForwardInto(qkv, bias, out, probs->typed_data(), probs->dimensions(), heads, scale);
 }
 
-ffi::Error AttentionInference(ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
-                              int64_t heads, float scale) {
-  return AttentionForwardInto(qkv, out, nullptr, {}, heads, scale);
+ffi::Error AttentionInference(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                              ffi::ResultBuffer<ffi::F32> out, int64_t heads, float scale) {
+  return AttentionForwardInto(qkv, bias, out, nullptr, {}, heads, scale);
 }
 
 // With ds = probs * (dprobs - rowsum(dprobs * probs)), dprobs = dout v^T:
-// dq = scale ds k, dk = scale ds^T q, dv = probs^T dout, into a packed dqkv.
-ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> probs,
-                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv,
-                             int64_t heads, float scale) {
-  const auto dims = GetAttentionDims(qkv.dimensions(), heads);
+// dq = scale ds k, dk = scale ds^T q, dv = probs^T dout into a packed dqkv;
+// where there is a bias, dbias[g] = the sum of ds over group g's batch
+// elements, in batch order. ds goes through dscores (batch, heads, tokens,
+// tokens), which the caller drops: summing in the first pass would serialise
+// a group's elements (maxvit has one group), and XLA's sum over the leading
+// axis of 4 is 25x slower than one pass here (bench/FINDINGS.md).
+ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                             ffi::Buffer<ffi::F32> probs, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dqkv, ffi::ResultBuffer<ffi::F32> dbias,
+                             ffi::ResultBuffer<ffi::F32> dscores, int64_t heads, float scale) {
+  const auto dims = GetAttentionDims(qkv.dimensions(), bias.dimensions(), heads);
   if (!dims) return BadAttentionShapes();
   const AttentionDims a = *dims;
-  const int64_t n = a.tokens, dh = a.head_dim, w = a.width(), ld = 3 * w;
-  const auto gd = dout.dimensions(), pd = probs.dimensions(), dd = dqkv->dimensions();
-  if (gd.size() != 3 || gd[0] != a.batch || gd[1] != n || gd[2] != w || pd.size() != 4 ||
-      pd[0] != a.batch || pd[1] != heads || pd[2] != n || pd[3] != n || dd.size() != 3 ||
-      dd[0] != a.batch || dd[1] != n || dd[2] != ld) {
+  const int64_t n = a.tokens, dh = a.head_dim, w = a.width(), ld = 3 * w, nn = a.matrix();
+  if (!HasDims(dout.dimensions(), {a.batch, n, w}) ||
+      !HasDims(probs.dimensions(), {a.batch, heads, n, n}) ||
+      !HasDims(dqkv->dimensions(), {a.batch, n, ld}) ||
+      !HasDims(dbias->dimensions(), {a.groups, heads, n, n}) ||
+      !HasDims(dscores->dimensions(), {a.groups > 0 ? a.batch : 0, heads, n, n})) {
     return BadAttentionShapes();
   }
   const float* x = qkv.typed_data();
   const float* p = probs.typed_data();
   const float* g = dout.typed_data();
   float* dx = dqkv->typed_data();
-  std::vector<std::vector<float>> scratch(omp_get_max_threads());
-  ForEachHead(a, [&](int64_t bi, int64_t hi) {
-    auto& ds_buf = scratch[omp_get_thread_num()];
-    ds_buf.resize(n * n);
-    float* ds = ds_buf.data();
+  float* dsc = dscores->typed_data();
+  ForEachTask(a.batch * heads, a.groups > 0 ? 0 : nn, [&](int64_t i, float* scratch) {
+    const int64_t bi = i / heads, hi = i % heads;
     const float* q = x + bi * n * ld + hi * dh;
-    const float* s = p + (bi * heads + hi) * n * n;
+    const float* s = p + i * nn;
     const float* go = g + bi * n * w + hi * dh;
     float* dq = dx + bi * n * ld + hi * dh;
+    float* ds = a.groups > 0 ? dsc + i * nn : scratch;
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dh, n, 1.0f, s, n, go, w, 0.0f, dq + 2 * w, ld);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, dh, 1.0f, go, w, q + 2 * w, ld, 0.0f, ds, n);
     SoftmaxGradRows(s, ds, n);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dh, n, scale, ds, n, q + w, ld, 0.0f, dq, ld);
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, dh, n, scale, ds, n, q, ld, 0.0f, dq + w, ld);
   });
+  if (a.groups > 0) {
+    // batch element bi = group + k * groups; one task per (group, head) row
+    const int64_t stride = a.groups * heads * nn;
+    float* db = dbias->typed_data();
+    ForEachTask(a.groups * heads * n, 0, [&](int64_t r, float*) {
+      const float* from = dsc + r * n;
+      float* to = db + r * n;
+      std::copy_n(from, n, to);
+      for (int64_t k = 1; k < a.batch / a.groups; ++k) AddTo(from + k * stride, to, n);
+    });
+  }
   return ffi::Error::Success();
 }
 #endif
@@ -558,23 +612,28 @@ JTKD_DEFINE_MATMUL_HANDLER(JtkdOnednnMatmul, Matmul)
 JTKD_DEFINE_MATMUL_HANDLER(JtkdMklMatmul, MklMatmul)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdMklAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // probs
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdMklAttention, AttentionInference,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JtkdMklAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // probs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dqkv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscores (scratch)
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
 #endif

@@ -197,25 +197,29 @@ def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transp
     return jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, jnp.swapaxes(b, -1, -2) if transpose_b else b)
 
 
-def attention(qkv: jax.Array, num_heads: int,
+def attention(qkv: jax.Array, num_heads: int, bias: jax.Array | None = None, scale: float | None = None,
               dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-    """Self-attention softmax(q k^T / sqrt(head_dim)) v for every head, from a packed qkv of shape (batch,
-    tokens, 3 * num_heads * head_dim) laid out as torch's in_proj writes it; returns (batch, tokens,
-    num_heads * head_dim), the heads side by side. `dropout`, if given, applies to the attention weights.
+    """Self-attention softmax(scale q k^T + bias) v for every head, from a packed qkv of shape (batch, tokens,
+    3 * num_heads * head_dim) laid out as torch's in_proj writes it; returns (batch, tokens, num_heads *
+    head_dim), the heads side by side. `scale` defaults to 1 / sqrt(head_dim); `bias` (groups, num_heads,
+    tokens, tokens) joins the scores of batch element i as bias[i % groups]; `dropout`, if given, applies to
+    the attention weights.
 
     On the CPU in float32 with MKL (and no dropout) this is one fused kernel per (batch, head) forward and
     backward (`onednn.attention`): vit_b_16's attention forward + backward 15.9 -> 9.3 ms a layer, torch's
     flash attention 16.6 ms (bench/FINDINGS.md). Elsewhere: two batched matmuls and a softmax, in float32."""
-    b, n, width = qkv.shape
-    if width % (3 * num_heads):
-        raise ValueError(f"attention: the last axis of qkv {qkv.shape} is not 3 * {num_heads} heads * head_dim")
+    onednn.check_attention(qkv, num_heads, bias)
     if dropout is None and _fused_attention(qkv):
-        return onednn.attention(qkv, num_heads)
+        return onednn.attention(qkv, num_heads, bias, scale)
+    b, n, width = qkv.shape
     head_dim = width // (3 * num_heads)
     # Head-major (3, b, h, n, hd): each head's q, k, v contiguous for the batched matmuls. split, not
     # qkv[i]: the gradient is one concatenate, where indexing's is three padded copies summed.
     q, k, v = (t[0] for t in jnp.split(qkv.reshape(b, n, 3, num_heads, head_dim).transpose(2, 0, 3, 1, 4), 3))
-    scores = batched_matmul(q * (1.0 / math.sqrt(head_dim)), k, transpose_b=True)
+    scores = batched_matmul(q * (head_dim**-0.5 if scale is None else scale), k, transpose_b=True)
+    if bias is not None:
+        groups = bias.shape[0]
+        scores = (scores.reshape(b // groups, groups, num_heads, n, n) + bias).reshape(b, num_heads, n, n)
     attn = softmax(scores.astype(jnp.float32), axis=-1).astype(qkv.dtype)
     if dropout is not None:
         attn = dropout(attn)
@@ -548,6 +552,11 @@ def dropout(mod: nn.Module, x: jax.Array, rate: float, train: bool, name: str | 
     if rate == 0.0 or not train:
         return x
     return nn.Dropout(rate, deterministic=False, name=name)(x)
+
+
+def active_dropout(mod: nn.Module, rate: float, train: bool) -> Callable[[jax.Array], jax.Array] | None:
+    """`dropout` as a function of its input where it is active, else None (`attention`'s `dropout`)."""
+    return partial(dropout, mod, rate=rate, train=train) if train and rate > 0 else None
 
 
 def stochastic_depth(mod: nn.Module, x: jax.Array, p: float, train: bool) -> jax.Array:

@@ -99,16 +99,13 @@ class RelativePositionalMultiHeadAttention(layers.TorchModel):
         b, g, p, d = x.shape
         h, dh, s = d // self.head_dim, self.head_dim, self.partition_size
         qkv = self.linear(3 * h * dh, kernel_init=_normal02, name="to_qkv")(x)
-        q, k, v = (t.reshape(b, g, p, h, dh).transpose(0, 1, 3, 2, 4) for t in jnp.split(qkv, 3, axis=-1))
-        k = k * d**-0.5  # torchvision's scale_factor is feat_dim ** -0.5
         table = self.param(
             "relative_position_bias_table", nn.initializers.truncated_normal(0.02), ((2 * s - 1) ** 2, h), jnp.float32
         )
         n = s * s
         bias = table.astype(self.dtype)[relative_position_index(s, s)].reshape(n, n, h).transpose(2, 0, 1)[None]
-        attn = layers.batched_matmul(q, k, transpose_b=True) + bias
-        attn = layers.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = layers.batched_matmul(attn, v).transpose(0, 1, 3, 2, 4).reshape(b, g, p, d)
+        # torchvision's scale_factor is feat_dim ** -0.5 (it scales k; here the scores)
+        out = layers.attention(qkv.reshape(b * g, p, 3 * d), h, bias, d**-0.5).reshape(b, g, p, d)
         return self.linear(d, kernel_init=_normal02, name="merge")(out)
 
 

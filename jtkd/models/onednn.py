@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -310,42 +311,63 @@ def _matmul_bwd(transpose_a, transpose_b, library, res, dc):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def attention(qkv: jax.Array, num_heads: int) -> jax.Array:
-    """Self-attention by MKL (see `mkl_available`), softmax(q k^T / sqrt(head_dim)) v for every head, from a
-    packed float32 qkv of shape (batch, tokens, 3 * num_heads * head_dim), laid out as torch's in_proj writes
-    it (q | k | v, each heads x head_dim); returns (batch, tokens, num_heads * head_dim), the heads side by
-    side as torch joins them. One kernel per (batch, head) keeps the scores in cache and reads q, k, v in
-    place; the gradient is one call too, from the softmax saved by the forward pass (a forward pass alone
-    keeps no softmax)."""
+def check_attention(qkv: jax.Array, num_heads: int, bias: jax.Array | None = None) -> None:
+    """Raise ValueError naming the problem unless qkv is (batch, tokens, 3 * num_heads * head_dim) and bias,
+    if given, (groups, num_heads, tokens, tokens) with groups dividing batch."""
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"attention: qkv must be (batch, tokens, 3 * {num_heads} * head_dim), got {qkv.shape}")
+        raise ValueError(f"attention: qkv must be (batch, tokens, 3 * {num_heads} heads * head_dim), got {qkv.shape}")
+    b, n, _ = qkv.shape
+    if bias is not None and (bias.ndim != 4 or bias.shape[1:] != (num_heads, n, n) or not bias.shape[0]
+                             or b % bias.shape[0]):
+        raise ValueError(f"attention: bias must be (groups, {num_heads}, {n}, {n}) with groups dividing the batch "
+                         f"{b}, got {bias.shape}")
+
+
+def attention(qkv: jax.Array, num_heads: int, bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Self-attention by MKL (see `mkl_available`), softmax(scale q k^T + bias) v for every head, from a packed
+    float32 qkv of shape (batch, tokens, 3 * num_heads * head_dim), laid out as torch's in_proj writes it
+    (q | k | v, each heads x head_dim); returns (batch, tokens, num_heads * head_dim), the heads side by side
+    as torch joins them. `scale` defaults to 1 / sqrt(head_dim). `bias`, (groups, num_heads, tokens, tokens),
+    is added to the scores of batch element i as bias[i % groups] (Swin's windows: masks and relative
+    position biases) and gets its gradient.
+
+    One kernel per (batch, head) keeps the scores in cache and reads q, k, v in place; the gradient is one
+    call too, from the softmax saved by the forward pass (a forward pass alone keeps no softmax)."""
+    check_attention(qkv, num_heads, bias)
     if not mkl_available():
         raise OneDNNUnavailable("attention: the extension was built without MKL (pip install mkl mkl-include, "
                                 "or set JTKD_MKL_ROOT)")
-    return _attention(qkv, num_heads)
-
-
-def _attention_attrs(qkv: jax.Array, num_heads: int) -> dict:
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    return dict(heads=np.int64(num_heads), scale=np.float32(1.0 / np.sqrt(head_dim)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _attention(qkv: jax.Array, num_heads: int) -> jax.Array:
     b, n, width = qkv.shape
-    return _call("mkl_attention", (b, n, width // 3), qkv, **_attention_attrs(qkv, num_heads))
+    if bias is None:  # zero groups: the kernel adds nothing
+        bias = jnp.zeros((0, num_heads, n, n), jnp.float32)
+    if scale is None:
+        scale = 1.0 / math.sqrt(width // (3 * num_heads))
+    return _attention(*match_varying(qkv, bias.astype(jnp.float32)), num_heads, float(scale))
 
 
-def _attention_fwd(qkv, num_heads):
+def _attention_attrs(num_heads: int, scale: float) -> dict:
+    return dict(heads=np.int64(num_heads), scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _attention(qkv: jax.Array, bias: jax.Array, num_heads: int, scale: float) -> jax.Array:
     b, n, width = qkv.shape
-    out, probs = _call("mkl_attention_fwd", [(b, n, width // 3), (b, num_heads, n, n)], qkv,
-                       **_attention_attrs(qkv, num_heads))
-    return out, (qkv, probs)
+    return _call("mkl_attention", (b, n, width // 3), qkv, bias, **_attention_attrs(num_heads, scale))
 
 
-def _attention_bwd(num_heads, res, dout):
-    qkv, probs = res
-    return (_call("mkl_attention_bwd", qkv.shape, *match_varying(qkv, probs, dout), **_attention_attrs(qkv, num_heads)),)
+def _attention_fwd(qkv, bias, num_heads, scale):
+    b, n, width = qkv.shape
+    out, probs = _call("mkl_attention_fwd", [(b, n, width // 3), (b, num_heads, n, n)], qkv, bias,
+                       **_attention_attrs(num_heads, scale))
+    return out, (qkv, bias, probs)
+
+
+def _attention_bwd(num_heads, scale, res, dout):
+    qkv, bias, probs = res
+    scratch = (qkv.shape[0] if bias.shape[0] else 0, *bias.shape[1:])  # the kernel's, for the bias gradient
+    dqkv, dbias, _ = _call("mkl_attention_bwd", [qkv.shape, bias.shape, scratch],
+                           *match_varying(qkv, bias, probs, dout), **_attention_attrs(num_heads, scale))
+    return dqkv, dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

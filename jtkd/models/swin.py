@@ -106,28 +106,25 @@ class ShiftedWindowAttention(layers.TorchModel):
 
         qkv_layer = self.linear(3 * c, kernel_init=_trunc02, name="qkv")
         qkv = qkv_layer(x)
-        if self.v2:  # torch zeroes the k part of the qkv bias in every forward pass
-            bias = qkv_layer.variables["params"]["bias"].astype(self.dtype)
-            qkv = qkv - jnp.concatenate([jnp.zeros((c,), self.dtype), bias[c : 2 * c], jnp.zeros((c,), self.dtype)])
-        qkv = qkv.reshape(b * nwin, n, 3, nh, c // nh).transpose(2, 0, 3, 1, 4)
-        q, k, v = (t[0] for t in jnp.split(qkv, 3))  # (B*nW, nH, N, hd); split: see vit's attention
+        scale = None
         if self.v2:
-            normalize = lambda t: t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-            attn = layers.batched_matmul(normalize(q), normalize(k), transpose_b=True)
+            # torch zeroes the k part of the qkv bias in every forward pass
+            k_bias = qkv_layer.variables["params"]["bias"].astype(self.dtype)[c : 2 * c]
+            qkv = qkv - jnp.concatenate([jnp.zeros((c,), self.dtype), k_bias, jnp.zeros((c,), self.dtype)])
+            # cosine attention: unit q and k, q times its head's logit scale, then plain attention
             logit_scale = self.param(
                 "logit_scale", lambda _, s: jnp.full(s, math.log(10.0), jnp.float32), (nh, 1, 1)
             )
-            attn = attn * jnp.exp(jnp.minimum(logit_scale, math.log(100.0))).astype(self.dtype)
-        else:
-            attn = layers.batched_matmul(q * (c // nh) ** -0.5, k, transpose_b=True)
-        attn = attn + self._position_bias()
-        if sum(shift) > 0:
-            mask = jnp.asarray(shift_mask(ph, pw, self.window_size, shift), self.dtype)
-            attn = (attn.reshape(b, nwin, nh, n, n) + mask[None, :, None]).reshape(-1, nh, n, n)
-        attn = layers.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
-        attn = layers.dropout(self, attn, self.attention_dropout, train)
-
-        x = jnp.swapaxes(layers.batched_matmul(attn, v), 1, 2).reshape(b * nwin, n, c)
+            q, k, v = jnp.moveaxis(qkv.reshape(b * nwin, n, 3, nh, c // nh), 2, 0)
+            # F.normalize: t / max(|t|, 1e-12), as sqrt(max(|t|^2, 1e-24)) so that a zero row (a padded window's
+            # token) gets a zero gradient, not jnp.linalg.norm's NaN at 0
+            normalize = lambda t: t / jnp.sqrt(jnp.maximum(jnp.sum(t * t, -1, keepdims=True), 1e-24))  # noqa: E731
+            q = normalize(q) * jnp.exp(jnp.minimum(logit_scale, math.log(100.0))).reshape(nh, 1).astype(self.dtype)
+            qkv, scale = jnp.stack([q, normalize(k), v], axis=2).reshape(b * nwin, n, 3 * c), 1.0
+        bias = self._position_bias()  # (1, nH, N, N)
+        if sum(shift) > 0:  # window w of every image: its mask, (nW, nH, N, N)
+            bias = bias + jnp.asarray(shift_mask(ph, pw, self.window_size, shift), self.dtype)[:, None]
+        x = layers.attention(qkv, nh, bias, scale, dropout=layers.active_dropout(self, self.attention_dropout, train))
         x = self.linear(c, kernel_init=_trunc02, name="proj")(x)
         x = layers.dropout(self, x, self.dropout, train)
         x = x.reshape(b, ph // wh, pw // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)

@@ -15,7 +15,6 @@ renamed to `mlp.{0,3}` (torchvision's MLPBlock load hook).
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,10 +43,7 @@ class MultiheadAttention(nn.Module):
         w = self.param("in_proj_weight", _xavier, (3 * d, d), jnp.float32).astype(self.dtype)
         bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,), jnp.float32).astype(self.dtype)
         qkv = layers.linear(x, w, transpose_kernel=True) + bias
-        dropout = None
-        if train and self.attention_dropout > 0:
-            dropout = partial(layers.dropout, self, rate=self.attention_dropout, train=train)
-        out = layers.attention(qkv, h, dropout)
+        out = layers.attention(qkv, h, dropout=layers.active_dropout(self, self.attention_dropout, train))
         return layers.Linear(d, dtype=self.dtype, name="out_proj")(out)
 
 
