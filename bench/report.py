@@ -251,6 +251,9 @@ def render(res: dict[str, Any], findings: str | None = FINDINGS) -> str:
         *_machine(res),
         "## 1. Fine-tuning train step (SGD momentum, cross-entropy, train mode, 10 classes)",
         "",
+        "The first step's losses agree where train mode is deterministic; models with stochastic depth (swin_t: 0.2) "
+        "draw their own random masks on each side, so theirs differ a little.",
+        "",
         *_train(res),
         "## 2. Distillation step (Hinton KD: teacher eval forward + student train step)",
         "",

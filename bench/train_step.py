@@ -3,7 +3,8 @@
 Both sides run the same network with the same weights (the torchvision model's initial state_dict
 is converted with `converters.torchvision.convert`), the same batch, cross-entropy and SGD with
 momentum 0.9, in train mode (BatchNorm batch statistics, dropout on). The first step's loss of each
-contender is recorded as evidence that the same computation is being timed.
+contender is recorded as evidence that the same computation is being timed (equal where train mode is
+deterministic; stochastic depth, as in swin_t, draws its own masks on each side).
 
 jtkd: `jtkd.train.make_train_step(mesh, classification_loss())` over a one-device mesh, compiled
 ahead of time so compilation is timed on its own and XLA's FLOP count of the step is available.
