@@ -289,8 +289,8 @@ def _onednn_status(device: str) -> str:
         linear = f"linear layers' gradients ({rows}; wider-than-tall weight gradients on XLA (AVX-512), MKL not found)"
     else:
         linear = f"linear layers' gradients ({rows})"
-    attention = ("ViT self-attention fused on MKL (forward and gradient), other attention's batched matmuls"
-                 if onednn.mkl_available() else "attention's batched matmuls")
+    attention = ("attention fused on MKL (vit, swin, maxvit; forward and gradient)" if onednn.mkl_available()
+                 else "attention's batched matmuls")
     return ("depthwise, grouped and 1x1 convolutions (forward and both gradients); dense convolutions with "
             f">= {layers._ONEDNN_DENSE_ROWS} output rows ({dense}); {attention}; {linear}")
 
