@@ -512,6 +512,8 @@ def test_fused_attention_bad_input_is_a_clear_error(monkeypatch):
         for shape in [(1, 4, 37, 36), (3, 4, 37, 37), (0, 4, 37, 37), (4, 37, 37)]:  # 3 groups of batch 2
             with pytest.raises(ValueError, match=r"bias must be \(groups, 4, 37, 37\)"):
                 fn(qkv, 4, jnp.zeros(shape))
+    with pytest.raises(ValueError, match="takes float32 qkv, got bfloat16"):
+        onednn.attention(qkv.astype(jnp.bfloat16), 4)
     monkeypatch.setattr(onednn, "mkl_available", lambda: False)
     with pytest.raises(onednn.OneDNNUnavailable, match="built without MKL"):
         onednn.attention(qkv, 4)

@@ -6,7 +6,8 @@ C++ compiler on first use, caches the shared object under `~/.cache/jtkd` (keyed
 source, jaxlib and oneDNN), and registers its handlers: convolution forward, input gradient and
 weight gradient on NHWC activations and HWIO kernels, and a batched matmul whose operands may be
 transposed, all read in place. Where MKL is installed too (the `mkl` and `mkl-include` wheels), the
-library also holds the same matmul by MKL's sgemm (`matmul(..., library="mkl")`, `mkl_available()`).
+library also holds the same matmul by MKL's sgemm (`matmul(..., library="mkl")`, `mkl_available()`)
+and a fused self-attention on it (`attention`).
 
 `conv` is differentiable (custom VJP); which gradient runs where is chosen by the caller, because
 oneDNN's weight gradient on NHWC is the slow one for kernels larger than 1x1 on AVX2 machines
@@ -68,8 +69,9 @@ def _mkl_flags() -> list[str]:
         libs.append(found[0] if found else None)
     if not header.is_file() or None in libs:
         return []
-    return ["-DJTKD_WITH_MKL", "-fopenmp", f"-I{root / 'include'}", f"-L{root / 'lib'}", *(f"-l:{f.name}" for f in libs), "-lgomp",
-            f"-Wl,-rpath,{root / 'lib'}"]
+    # -fopenmp: the fused attention splits its heads over OpenMP threads (GNU's, as MKL's threading layer)
+    return ["-DJTKD_WITH_MKL", "-fopenmp", f"-I{root / 'include'}", f"-L{root / 'lib'}",
+            *(f"-l:{f.name}" for f in libs), "-lgomp", f"-Wl,-rpath,{root / 'lib'}"]
 
 
 def _cache_dir() -> Path:
@@ -167,7 +169,8 @@ def reason() -> str:
 
 
 def mkl_available() -> bool:
-    """Whether the extension holds MKL's sgemm (built where MKL's header and libraries were found)."""
+    """Whether the extension holds MKL's sgemm and the fused attention (built where MKL's header and libraries
+    were found)."""
     return available() and all(hasattr(_library(), symbol) for symbol in _MKL_TARGETS.values())
 
 
@@ -334,6 +337,8 @@ def attention(qkv: jax.Array, num_heads: int, bias: jax.Array | None = None, sca
     One kernel per (batch, head) keeps the scores in cache and reads q, k, v in place; the gradient is one
     call too, from the softmax saved by the forward pass (a forward pass alone keeps no softmax)."""
     check_attention(qkv, num_heads, bias)
+    if qkv.dtype != jnp.float32:
+        raise ValueError(f"attention: the MKL kernel takes float32 qkv, got {qkv.dtype}")
     if not mkl_available():
         raise OneDNNUnavailable("attention: the extension was built without MKL (pip install mkl mkl-include, "
                                 "or set JTKD_MKL_ROOT)")

@@ -38,7 +38,7 @@ class MultiheadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        b, n, d = x.shape
+        d = x.shape[-1]
         h = self.num_heads
         w = self.param("in_proj_weight", _xavier, (3 * d, d), jnp.float32).astype(self.dtype)
         bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,), jnp.float32).astype(self.dtype)
