@@ -40,8 +40,8 @@ def test_parameter_gradients_match_torch(name):
     x = parity.probe_batch(*CASES[name], seed=6)
     weights = np.random.default_rng(7).standard_normal((CASES[name][0], 11)).astype(np.float32)
     variables = convert(name, torch_model.state_dict())
-    # The reference is torch in float64: torch's own float32 gradients are the less accurate side (resnext50's
-    # and googlenet's first BatchNorm bias: 0.7% off the float64 values, jtkd's float32 1e-6).
+    # The reference is torch in float64: torch's own float32 gradients can be the less accurate side
+    # (resnext50's first BatchNorm bias: 0.7% off the float64 values, jtkd's float32 1e-6).
     torch_model.double().zero_grad()
     (torch_model(torch.from_numpy(x).double()) * torch.from_numpy(weights).double()).sum().backward()
     # the gradients in the state_dict's layout (buffers as they are), converted as the weights are
