@@ -4,7 +4,8 @@
 
 reports the max abs logit difference and, layer by layer, the max abs difference of every
 intermediate activation (torch forward hooks vs Flax `capture_intermediates`), naming the first
-layer that diverges.
+layer that diverges. With `--gradients` it also compares every parameter's gradient with torch's
+autograd in float64 (`gradient_parity`), as fine-tuning will use them.
 """
 
 from __future__ import annotations
@@ -225,6 +226,99 @@ def first_divergence(diffs: Sequence[LayerDiff], rtol: float = 1e-4) -> LayerDif
     return None
 
 
+# The kinks of the piecewise-linear activations torchvision's models call (hardtanh: its min_val and max_val).
+_KINKS = {"relu": (0.0,), "relu_": (0.0,), "relu6": (0.0, 6.0), "hardswish": (-3.0, 3.0), "hardsigmoid": (-3.0, 3.0)}
+
+
+def _kink_recorder() -> Any:
+    """A torch function mode recording, for every activation call with a kink, how close its input comes to
+    one relative to the input's RMS: (margin, op) in `.margins`."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class KinkMargin(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.margins: list[tuple[float, str]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            op = getattr(func, "__name__", "")
+            if (op in _KINKS or op == "hardtanh") and isinstance(args[0], torch.Tensor):
+                x = args[0].detach()
+                kinks = _KINKS.get(op) or (kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
+                                           kwargs.get("max_val", args[2] if len(args) > 2 else 1.0))
+                rms = float(x.double().pow(2).mean().sqrt()) or 1.0
+                self.margins.append((min(float((x - k).abs().min()) for k in kinks) / rms, op))
+            return func(*args, **kwargs)
+
+    return KinkMargin()
+
+
+# Gradient differences beyond this fraction of the model's largest gradient are errors (jtkd's float32 gradients
+# are ~1e-6 of it from torch's float64 ones for one model of every family: tests/test_gradients.py).
+GRADIENT_ATOL = 2e-5
+
+
+# An activation input closer to a kink than this fraction of its tensor's RMS can land on either side in
+# float32 (googlenet: 1e-7, resnet18 at another probe: 1e-6; bench/FINDINGS.md, fifteenth session).
+KINK_ROUNDING = 1e-5
+
+
+@dataclasses.dataclass
+class GradientParity:
+    """jtkd's float32 parameter gradients and torch's float64 ones (Flax paths, Flax layout), and how close the
+    probe came to an activation kink: within float32 rounding of one (`KINK_ROUNDING`) a unit's gradient may
+    flow on one side and not the other, and neither side is wrong."""
+
+    got: dict[str, np.ndarray]
+    want: dict[str, np.ndarray]
+    kink_margin: float
+    kink_op: str
+
+    @property
+    def scale(self) -> float:
+        """The largest reference gradient: differences are measured against it."""
+        return max(float(np.abs(v).max()) for v in self.want.values())
+
+    def worst(self) -> tuple[str, float]:
+        """The parameter with the largest max abs difference, and that difference."""
+        return max(((k, float(np.abs(self.got[k] - w).max())) for k, w in self.want.items()), key=lambda t: t[1])
+
+
+def gradient_parity(name: str, model: Any, variables: dict, x_nchw: np.ndarray, num_classes: int,
+                    loss_weights: np.ndarray | None = None) -> GradientParity:
+    """Every parameter's gradient of sum(logits * loss_weights) in eval mode (loss_weights standard normal by
+    default): torch's autograd in float64 (the reference: torch's own float32 gradients can be the less
+    accurate side) against jtkd's jit-compiled float32 gradient with `variables`. `model` is not changed."""
+    import copy
+
+    import torch
+
+    if loss_weights is None:
+        loss_weights = np.random.default_rng(0).standard_normal((x_nchw.shape[0], num_classes)).astype(np.float32)
+    ref = copy.deepcopy(model).double().eval()
+    kinks = _kink_recorder()
+    with kinks:
+        out = ref(torch.from_numpy(x_nchw).double())
+    out = out.logits if hasattr(out, "logits") else out
+    (out * torch.from_numpy(loss_weights).double()).sum().backward()
+    margin, op = min(kinks.margins, default=(float("inf"), "none"))
+    # the gradients in the state_dict's layout (buffers as they are), converted as the weights are
+    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for k, p in ref.named_parameters()}
+    want = convert(name, {k: grads.get(k, v.float()) for k, v in ref.state_dict().items()})["params"]
+
+    module = models.create(name, num_classes=num_classes)
+
+    def loss(params: Any, x: jax.Array) -> jax.Array:
+        return jnp.sum(module.apply({**variables, "params": params}, x, train=False) * loss_weights)
+
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(jax.grad(loss))(variables["params"], jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
+    flat = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    return GradientParity(flat(got), flat(want), margin, op)
+
+
 def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) -> dict[str, Any]:
     """One PARITY.md row: random weights + randomised BN stats, the spec's test size, fp32 highest."""
     import time
@@ -320,8 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="torch state_dict (.pth/.pt/.safetensors); random weights if omitted")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="probe image size (default: the model's)")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the probe batch (standard normal images)")
     ap.add_argument("--num-classes", type=int, default=17, help="classes for random weights")
     ap.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
+    ap.add_argument("--gradients", action="store_true", help="also compare every parameter's gradient with "
+                    "torch's autograd in float64 (eval mode); fails beyond GRADIENT_ATOL of the largest gradient")
     args = ap.parse_args(argv)
     if args.from_jsonl:
         rows = {}
@@ -353,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variables = convert(args.name, sd)
     k = infer_num_classes(spec, sd)
     h, w = args.size or (spec.input_size, spec.input_size)
-    x = probe_batch(args.batch, h, w)
+    x = probe_batch(args.batch, h, w, seed=args.seed)
     logit_diff = float(np.abs(torch_logits(model, x) - flax_logits(args.name, variables, x, num_classes=k)).max())
     diffs = layer_diffs(args.name, model, variables, x, k)
     first = first_divergence(diffs)
@@ -367,7 +464,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{d.layer:50s} {str(d.shape):>22s} {d.max_abs_diff:11.3e} {d.max_abs_ref:10.3g}{mark}")
         print(f"logits max abs diff: {logit_diff:.3e}")
         print(f"first diverging layer: {first.layer if first else 'none (all within 1e-4 relative)'}")
-    return 0 if first is None else 1
+    if not args.gradients:
+        return 0 if first is None else 1
+    grads = gradient_parity(args.name, model, variables, x, k)
+    worst, diff = grads.worst()
+    report = {"gradient_max_abs_diff": diff, "worst_parameter": worst, "largest_gradient": grads.scale,
+              "tolerance": GRADIENT_ATOL * grads.scale, "kink_margin": grads.kink_margin, "kink_op": grads.kink_op}
+    ok = diff <= GRADIENT_ATOL * grads.scale
+    print(json.dumps(report, indent=1) if args.json else
+          f"gradients: max abs diff {diff:.3e} ({worst}) of a largest gradient {grads.scale:.3g} (tolerance "
+          f"{GRADIENT_ATOL:.0e} of it); closest activation input to a kink ({grads.kink_op}): {grads.kink_margin:.1e} "
+          "of its RMS" + ("" if ok or grads.kink_margin >= KINK_ROUNDING else
+                          ": within float32 rounding, where either side of the kink is right; try another --seed"))
+    return 0 if first is None and ok else 1
 
 
 if __name__ == "__main__":
