@@ -265,6 +265,20 @@ GRADIENT_ATOL = 2e-5
 KINK_ROUNDING = 1e-5
 
 
+def kink_margin(model: Any, x_nchw: np.ndarray) -> tuple[float, str]:
+    """The smallest distance of any activation input to a kink, relative to that input's RMS, in the float64
+    eval forward of a copy of the torch `model` on `x_nchw`, and the activation's name ((inf, 'none') without
+    kinks): how well a probe conditions a float32 gradient comparison."""
+    import copy
+
+    import torch
+
+    kinks = _kink_recorder()
+    with torch.no_grad(), kinks:
+        copy.deepcopy(model).double().eval()(torch.from_numpy(x_nchw).double())
+    return min(kinks.margins, default=(float("inf"), "none"))
+
+
 @dataclasses.dataclass
 class GradientParity:
     """jtkd's float32 parameter gradients and torch's float64 ones (Flax paths, Flax layout), and how close the

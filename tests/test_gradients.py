@@ -28,17 +28,30 @@ CASES = {
 }
 
 
-# The input seed per model. googlenet's is not the default: at seed 6 one ReLU input of inception4e's second
-# branch is 1e-7 of its tensor's RMS from 0 in float64 (-3.5e-6 in float32 run eagerly, +5.0e-7 jit-compiled:
-# the summation order decides), so that unit's gradient flows or not and the stem's gradients move by 1%.
-# Seeds 7-10 pass too; seed 19 keeps every activation input 1.4e-5 of its RMS from a kink, past float32
-# rounding on any CPU (bench/FINDINGS.md, fifteenth session).
-PROBE_SEED = {"googlenet": 19}
+# Each model's probe is the first of PROBE_SEEDS whose activation inputs all stay `parity.KINK_ROUNDING` of
+# their RMS from a kink, else the best conditioned of them (`parity.kink_margin`). A fixed seed was not
+# enough: at seed 6 one ReLU input of googlenet's inception4e is 1e-7 of its tensor's RMS from 0 in float64 (-3.5e-6 in float32 run eagerly, +5.0e-7
+# jit-compiled: the summation order decides), so that unit's gradient flows or not and the stem's gradients
+# move by 1% (bench/FINDINGS.md, fifteenth session). Models with a million activations keep inputs within
+# 1e-6 of a kink at every seed; the best of ten keeps them as far as they go.
+PROBE_SEEDS = range(6, 16)
+
+
+def _probe(torch_model, shape: tuple[int, int, int]) -> np.ndarray:
+    best = (-1.0, None)
+    for seed in PROBE_SEEDS:
+        x = parity.probe_batch(*shape, seed=seed)
+        margin = parity.kink_margin(torch_model, x)[0]
+        if margin >= parity.KINK_ROUNDING:  # past float32 rounding (or no kinks at all): no need to look further
+            return x
+        best = max(best, (margin, x), key=lambda t: t[0])
+    return best[1]
+
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_parameter_gradients_match_torch(name):
     torch_model = parity.torch_model(name, num_classes=11, seed=5)
-    x = parity.probe_batch(*CASES[name], seed=PROBE_SEED.get(name, 6))
+    x = _probe(torch_model, CASES[name])
     weights = np.random.default_rng(7).standard_normal((CASES[name][0], 11)).astype(np.float32)
     variables = convert(name, torch_model.state_dict())
     # The reference is torch in float64: torch's own float32 gradients can be the less accurate side
