@@ -265,18 +265,28 @@ GRADIENT_ATOL = 2e-5
 KINK_ROUNDING = 1e-5
 
 
-def kink_margin(model: Any, x_nchw: np.ndarray) -> tuple[float, str]:
-    """The smallest distance of any activation input to a kink, relative to that input's RMS, in the float64
-    eval forward of a copy of the torch `model` on `x_nchw`, and the activation's name ((inf, 'none') without
-    kinks): how well a probe conditions a float32 gradient comparison."""
+def _float64_forward(model: Any, x_nchw: np.ndarray) -> tuple[Any, Any, tuple[float, str]]:
+    """The eval forward of a float64 copy of the torch `model` (which is not changed): the copy, its logits,
+    and the smallest (kink margin, activation) of the pass ((inf, 'none') without kinks)."""
     import copy
 
     import torch
 
+    ref = copy.deepcopy(model).double().eval()
     kinks = _kink_recorder()
-    with torch.no_grad(), kinks:
-        copy.deepcopy(model).double().eval()(torch.from_numpy(x_nchw).double())
-    return min(kinks.margins, default=(float("inf"), "none"))
+    with kinks:
+        out = ref(torch.from_numpy(x_nchw).double())
+    return ref, (out.logits if hasattr(out, "logits") else out), min(kinks.margins, default=(float("inf"), "none"))
+
+
+def kink_margin(model: Any, x_nchw: np.ndarray) -> tuple[float, str]:
+    """The smallest distance of any activation input to a kink, relative to that input's RMS, in the float64
+    eval forward of a copy of the torch `model` on `x_nchw`, and the activation's name ((inf, 'none') without
+    kinks): how well a probe conditions a float32 gradient comparison."""
+    import torch
+
+    with torch.no_grad():
+        return _float64_forward(model, x_nchw)[2]
 
 
 @dataclasses.dataclass
@@ -305,19 +315,12 @@ def gradient_parity(name: str, model: Any, variables: dict, x_nchw: np.ndarray, 
     """Every parameter's gradient of sum(logits * loss_weights) in eval mode (loss_weights standard normal by
     default): torch's autograd in float64 (the reference: torch's own float32 gradients can be the less
     accurate side) against jtkd's jit-compiled float32 gradient with `variables`. `model` is not changed."""
-    import copy
-
     import torch
 
     if loss_weights is None:
         loss_weights = np.random.default_rng(0).standard_normal((x_nchw.shape[0], num_classes)).astype(np.float32)
-    ref = copy.deepcopy(model).double().eval()
-    kinks = _kink_recorder()
-    with kinks:
-        out = ref(torch.from_numpy(x_nchw).double())
-    out = out.logits if hasattr(out, "logits") else out
+    ref, out, (margin, op) = _float64_forward(model, x_nchw)
     (out * torch.from_numpy(loss_weights).double()).sum().backward()
-    margin, op = min(kinks.margins, default=(float("inf"), "none"))
     # the gradients in the state_dict's layout (buffers as they are), converted as the weights are
     grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for k, p in ref.named_parameters()}
     want = convert(name, {k: grads.get(k, v.float()) for k, v in ref.state_dict().items()})["params"]
@@ -329,8 +332,11 @@ def gradient_parity(name: str, model: Any, variables: dict, x_nchw: np.ndarray, 
 
     with jax.default_matmul_precision("highest"):
         got = jax.jit(jax.grad(loss))(variables["params"], jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
-    flat = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
-    return GradientParity(flat(got), flat(want), margin, op)
+    return GradientParity(_by_path(got), _by_path(want), margin, op)
+
+
+def _by_path(tree: Any) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def parity_row(name: str, num_classes: int = 13, batch: int = 2, seed: int = 0) -> dict[str, Any]:
