@@ -75,6 +75,7 @@ import torch
 from jtkd import config as cfglib
 from jtkd.xla_flags import use_cpu_flags
 from jtkd import data, distill, models, optim, train
+from jtkd.data.folder import FolderOptions
 from jtkd.distill import DistillConfig
 from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer, classification_eval, read_jsonl
 from jtkd.optim import OptimConfig
@@ -91,6 +92,7 @@ class DistillRun:
     student_width: int = 0  # ResNets: channels of layer1 (0: torchvision's 64); e.g. 16 = a 16x cheaper narrow student
     data: str = "digits"  # digits | tfds:NAME | folder:PATH (folder: PATH/train, PATH/test sub-folders)
     eval_split: str = "test"
+    folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)  # folder data: bad files, empty classes
     image_size: int = 32
     labels_per_class: int = 0  # > 0: few-label regime; the rest of the train split is unlabelled transfer data
     augment: bool = False  # digits: random 2-pixel shifts; tfds/folder: RandomResizedCrop + flip
@@ -179,8 +181,9 @@ def load_data(cfg: DistillRun) -> tuple[Split, Split, Any]:
     if kind == "tfds":
         src_tr, src_te = data.tfds_source(arg, "train"), data.tfds_source(arg, cfg.eval_split)
     else:
-        src_tr = data.image_folder(Path(arg) / "train")
-        src_te = data.image_folder(Path(arg) / cfg.eval_split, classes=list(src_tr.info.class_names))
+        opts = dataclasses.asdict(cfg.folder)
+        src_tr = data.image_folder(Path(arg) / "train", split="train", **opts)
+        src_te = data.eval_folder(Path(arg) / cfg.eval_split, src_tr.info.class_names, split=cfg.eval_split, **opts)
     te_x, te_y = _materialise(src_te, cfg.image_size, False, cfg)
     eval_split = Split({"image": te_x, "label": te_y}, src_tr.info.num_classes)
     if cfg.augment:

@@ -17,7 +17,10 @@ metrics.png, checkpoints/{state,best}/, final/ (orbax variables), final.pth (a t
 fine-tuned model, loadable with torchvision's `load_state_dict(strict=True)`), results.json.
 
 Data: `tfds:NAME` (prepared in --tfds_data_dir, or --download), `folder:PATH` (PATH/<class>/<images>),
-or `digits` (offline; --digits_classes picks the classes). Training images get RandomResizedCrop +
+or `digits` (offline; --digits_classes picks the classes). An evaluation folder is labelled with the
+training classes' names (a class folder the training data lacks is an error, not a shifted label);
+`--folder.on_bad skip`, `--folder.on_empty drop|keep` and `--folder.validate full` set how bad files
+and empty classes are treated (`jtkd.data.folder`). Training images get RandomResizedCrop +
 flip (--no-augment: the eval transform), evaluation images Resize + CenterCrop (torchvision's recipe).
 
 Multi-host (one process per host; see `jtkd.loop` for what each process reads):
@@ -43,6 +46,7 @@ import numpy as np
 import torch
 
 from jtkd import config as jconfig
+from jtkd.data.folder import FolderOptions
 from jtkd.xla_flags import use_cpu_flags
 from jtkd.finetune import FinetuneConfig
 
@@ -61,6 +65,7 @@ class FinetuneJob:
     labels_per_class: int = 0  # digits: few-shot subset of the train split (0: all)
     augment: bool = True
     num_workers: int = 8  # image decoding/augmentation threads
+    folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)  # bad files, empty classes
     export_torch: bool = True  # write final.pth
     quick: bool = False  # tiny run (steps=3, 32px, small batches, few examples): for smoke tests
     distributed: bool = False  # jax.distributed.initialize() (auto-detected cluster)
@@ -100,7 +105,8 @@ class _Reiterable:
         return iter(self.make())
 
 
-def _source(spec: str, split: str, job: FinetuneJob, seed: int, train: bool):
+def _source(spec: str, split: str, job: FinetuneJob, seed: int, train: bool, classes: tuple[str, ...] = ()):
+    """A data source; `classes` (the training class names) label an evaluation folder."""
     from jtkd import data
 
     kind, _, arg = spec.partition(":")
@@ -112,7 +118,8 @@ def _source(spec: str, split: str, job: FinetuneJob, seed: int, train: bool):
     if kind == "tfds":
         return data.tfds_source(arg, split, data_dir=job.tfds_data_dir or None, download=job.download)
     if kind == "folder":
-        return data.image_folder(arg)
+        opts = dict(dataclasses.asdict(job.folder), num_workers=job.num_workers, split=split)
+        return data.eval_folder(arg, classes, **opts) if classes else data.image_folder(arg, **opts)
     raise ValueError(f"unknown data spec {spec!r}")
 
 
@@ -120,11 +127,12 @@ def load_data(job: FinetuneJob, seed: int):
     """(train source, eval source or None, num_classes)."""
     train_src = _source(job.data, job.train_split, job, seed, train=True)
     eval_spec = job.eval_data or (job.data if not job.data.startswith("folder:") else "")
-    eval_src = _source(eval_spec, job.eval_split, job, seed, train=False) if eval_spec else None
-    n = train_src.info.num_classes
-    if eval_src is not None and eval_src.info.num_classes != n:
-        raise ValueError(f"train data has {n} classes but eval data has {eval_src.info.num_classes}")
-    return train_src, eval_src, n
+    names = train_src.info.class_names
+    eval_src = _source(eval_spec, job.eval_split, job, seed, train=False, classes=names) if eval_spec else None
+    if eval_src is not None and tuple(eval_src.info.class_names) != tuple(names):
+        # labels pair up by position: different names would be scored against the wrong outputs
+        raise ValueError(f"train data's classes {list(names)} differ from eval data's {list(eval_src.info.class_names)}")
+    return train_src, eval_src, train_src.info.num_classes
 
 
 def _in_memory(src) -> bool:

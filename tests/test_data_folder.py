@@ -189,3 +189,47 @@ def test_subset_of_arrays_stays_vectorised_and_tfds_labels_are_not_scanned():
     fake = data.TfdsSource([], data.DatasetInfo("x", "train", 0, ("a",), {0: 0}))
     with pytest.raises(TypeError, match="labels in memory"):
         data.labels_of(fake)
+
+
+def _folders(root, classes, per_class=2):
+    for c in classes:
+        for i in range(per_class):
+            _save(str(root / c / f"{i}.png"), _rgb(sum(map(ord, c)) * 10 + i, (4, 4)))
+    return root
+
+
+def test_eval_folder_takes_the_training_labels(tmp_path):
+    """An eval folder missing a class keeps the training labels: its sorted position would shift 'yak' from
+    2 to 1. A folder the training data has no class for is an error, not a label that means another class."""
+    train = data.image_folder(_folders(tmp_path / "train", ["cat", "dog", "yak"]))
+    val = _folders(tmp_path / "val", ["cat", "yak"])
+    with pytest.raises(ValueError, match=r"no folder for training class\(es\) \['dog'\]"):
+        data.eval_folder(val, train.info.class_names)
+    with pytest.warns(UserWarning, match=r"\['dog'\].*unused"):
+        ev = data.eval_folder(val, train.info.class_names, on_empty="keep", split="val")
+    assert ev.info.class_names == ("cat", "dog", "yak") and ev.info.label_map == train.info.label_map
+    assert {os.path.basename(os.path.dirname(f)): int(y) for f, y in zip(ev.files, ev.labels)} == {"cat": 0, "yak": 2}
+    assert data.image_folder(val).info.label_map["yak"] == 1  # what positional pairing would have used
+    _folders(tmp_path / "val", ["zebra"])
+    with pytest.raises(ValueError, match=r"\['zebra'\].*no label"):
+        data.eval_folder(val, train.info.class_names, on_empty="keep")
+
+
+def test_finetune_cli_refuses_an_eval_folder_with_other_classes(tmp_path):
+    """Same number of classes, different names: before, `val/zebra` was scored as `train/yak`."""
+    from experiments import finetune
+
+    _folders(tmp_path / "train", ["cat", "dog", "yak"])
+    _folders(tmp_path / "val", ["cat", "dog", "zebra"])
+    job = finetune.FinetuneJob(data=f"folder:{tmp_path / 'train'}", eval_data=f"folder:{tmp_path / 'val'}")
+    with pytest.raises(ValueError, match="zebra"):
+        finetune.load_data(job, 0)
+    (tmp_path / "train" / "yak" / "0.png").unlink()
+    (tmp_path / "train" / "yak" / "1.png").write_bytes(b"not a png")
+    bad = finetune.FinetuneJob(data=f"folder:{tmp_path / 'train'}")
+    with pytest.raises(BadImageError, match="--folder.on_bad skip"):
+        finetune.load_data(bad, 0)
+    skip = finetune.jconfig.parse_args(bad, ["--folder.on_bad", "skip", "--folder.on_empty", "drop"])
+    with pytest.warns(UserWarning):
+        tr, ev, n = finetune.load_data(skip, 0)
+    assert n == 2 and tr.info.class_names == ("cat", "dog") and ev is None

@@ -98,3 +98,26 @@ def test_table_writer(tmp_path):
     assert "| KD (Hinton) (λ=0.9 default) | 0.9200 | 0.0283 |" in md and "5 labels per class" in md
     assert "(0.70M parameters)" in md
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_folder_data_labels_the_eval_split_with_the_training_classes(tmp_path):
+    """folder:PATH reads PATH/train and PATH/test; a test split without class 'b' keeps 'c' at label 2."""
+    import warnings
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", "abc"), ("test", "ac")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    cfg = exp.DistillRun(data=f"folder:{tmp_path}", image_size=8)
+    with pytest.raises(ValueError, match=r"no folder for training class\(es\) \['b'\]"):
+        exp.load_data(cfg)
+    keep = cfglib.parse_args(cfg, ["--folder.on_empty", "keep"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr, te, _ = exp.load_data(keep)
+    assert tr.num_classes == te.num_classes == 3
+    assert sorted(tr.arrays["label"].tolist()) == [0, 0, 1, 1, 2, 2] and sorted(te.arrays["label"].tolist()) == [0, 0, 2, 2]

@@ -5,7 +5,8 @@ A batch is a dict of numpy arrays: 'image' float32 NHWC normalised, 'label' int3
 
 * `digits(split, classes=, labels_per_class=, image_size=)`: scikit-learn's digits, offline default.
 * `tfds_source(name, split, data_dir=)`: tensorflow-datasets.
-* `image_folder(path)`: class-per-sub-folder images.
+* `image_folder(path)`: class-per-sub-folder images; `eval_folder(path, train)` labels an evaluation
+  folder with the training folder's map.
 
     train = data.image_folder("flowers/train")
     it = data.batches(train, 64, transform=data.TrainTransform(224), train=True, seed=0)
@@ -14,7 +15,7 @@ A batch is a dict of numpy arrays: 'image' float32 NHWC normalised, 'label' int3
 """
 
 from jtkd.data.digits import digits
-from jtkd.data.folder import IMG_EXTENSIONS, BadImageError, ImageFolder, image_folder, load_image
+from jtkd.data.folder import IMG_EXTENSIONS, BadImageError, FolderOptions, ImageFolder, eval_folder, image_folder, load_image
 from jtkd.data.pipeline import batches, epoch_order, prefetch_to_mesh, steps_per_epoch
 from jtkd.data.source import ArrayDataset, DatasetInfo, Source, Subset, few_shot, labels_of, stratified_split, subset
 from jtkd.data.tfds_io import DatasetUnavailableError, TfdsSource, tfds_source
@@ -38,6 +39,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetUnavailableError",
     "EvalTransform",
+    "FolderOptions",
     "ImageFolder",
     "Source",
     "Subset",
@@ -47,6 +49,7 @@ __all__ = [
     "center_crop",
     "digits",
     "epoch_order",
+    "eval_folder",
     "example_rng",
     "few_shot",
     "image_folder",

@@ -12,6 +12,11 @@ unless `classes` fixes the order or the map. Files are checked when the source i
   and most corrupt files); `'full'` decodes every file (also catches truncated JPEGs); `'none'`
   checks nothing. A file that still fails later raises `BadImageError` naming it.
 
+An evaluation folder takes the training folder's labels (`eval_folder`), never its own: two folders
+whose sub-folders differ (`val/zebra` beside `train/yak`) would otherwise pair labels by sorted
+position and shift them silently. `FolderOptions` carries these checks on the command lines
+(`--folder.on_bad skip`, `--folder.on_empty drop`, `--folder.validate full`).
+
 Every image is returned as RGB: grayscale, palette, RGBA (alpha dropped, as torchvision's loader),
 CMYK and 16-bit images are converted.
 """
@@ -22,6 +27,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +47,15 @@ class BadImageError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """`image_folder`'s checks as a config: the fields are its keyword arguments of the same names."""
+
+    on_bad: Literal["error", "skip"] = "error"
+    on_empty: Literal["error", "drop", "keep"] = "error"
+    validate: Literal["header", "full", "none"] = "header"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -99,6 +114,15 @@ def _list_files(class_dir: str) -> list[str]:
     return out
 
 
+def _class_dirs(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root!r} has no class sub-folders (expected root/<class>/<image files>)")
+    return found
+
+
 @dataclass(frozen=True)
 class ImageFolder:
     """Random-access source over image files: `self[i]` -> {'image': RGB PIL image, 'label': int}."""
@@ -137,11 +161,7 @@ def image_folder(
     if validate not in ("header", "full", "none"):
         raise ValueError(f"validate must be 'header', 'full' or 'none', got {validate!r}")
     root = os.fspath(path)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not found:
-        raise ValueError(f"{root!r} has no class sub-folders (expected root/<class>/<image files>)")
+    found = _class_dirs(root)
 
     if classes is None:
         label_map = {c: i for i, c in enumerate(found)}
@@ -172,7 +192,7 @@ def image_folder(
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise BadImageError(
             bad[0][0],
-            f"{bad[0][1]}\n{len(bad)} bad file(s) under {root!r}:\n{listing}{more}\n(on_bad='skip' leaves them out)",
+            f"{bad[0][1]}\n{len(bad)} bad file(s) under {root!r}:\n{listing}{more}\n(on_bad='skip', on the command line --folder.on_bad skip, leaves them out)",
         )
     if bad:
         warnings.warn(
@@ -187,7 +207,8 @@ def image_folder(
         if on_empty == "error":
             raise ValueError(
                 f"class folder(s) {empty} under {root!r} have no usable images "
-                "(on_empty='drop' leaves them out and relabels, 'keep' keeps their labels unused)"
+                "(on_empty='drop' leaves them out and relabels, 'keep' keeps their labels unused; on the command line "
+                "--folder.on_empty drop|keep)"
             )
         if on_empty == "drop":
             kept = sorted((v, c) for c, v in label_map.items() if c not in empty)
@@ -213,3 +234,46 @@ def image_folder(
         skipped=tuple(f for f, _ in bad),
     )
     return ImageFolder(tuple(f for f, _ in good), np.asarray([label_map[c] for _, c in good], np.int32), info)
+
+
+def eval_folder(
+    path: str | os.PathLike,
+    classes: Sequence[str],
+    *,
+    on_bad: Literal["error", "skip"] = "error",
+    on_empty: Literal["error", "drop", "keep"] = "error",
+    validate: Literal["header", "full", "none"] = "header",
+    num_workers: int = 8,
+    split: str = "",
+) -> ImageFolder:
+    """An evaluation folder labelled as the training data is: `classes` are the training class names
+    in label order (`train.info.class_names`), i.e. the model's outputs.
+
+    Unlike `image_folder(path, classes=...)`, which picks a subset, every sub-folder must be one of
+    `classes`: one that is not raises, naming it (the model has no output for its images). A class
+    without a folder or usable images here raises with on_empty='error', else (drop or keep) its
+    label stays unused in evaluation, with a warning; labels are never renumbered.
+    """
+    root = os.fspath(path)
+    classes = list(classes)
+    found = _class_dirs(root)
+    extra = [c for c in found if c not in classes]
+    if extra:
+        raise ValueError(
+            f"evaluation folder {root!r} has class folder(s) {extra} that the training data has no label for "
+            f"(training classes: {classes}); the model has no output for their images"
+        )
+    missing = [c for c in classes if c not in found]
+    if missing and on_empty == "error":
+        raise ValueError(
+            f"evaluation folder {root!r} has no folder for training class(es) {missing} "
+            "(on_empty='keep', on the command line --folder.on_empty keep, evaluates without them)"
+        )
+    if missing:
+        warnings.warn(f"eval_folder({root!r}): no folder for classes {missing}; their labels stay unused", stacklevel=2)
+    present = [c for c in classes if c in found]
+    own = image_folder(root, classes=present, on_bad=on_bad, on_empty="error" if on_empty == "error" else "keep",
+                       validate=validate, num_workers=num_workers, split=split)
+    to_label = np.asarray([classes.index(c) for c in present], np.int32)
+    info = dataclasses.replace(own.info, class_names=tuple(classes), label_map={c: i for i, c in enumerate(classes)})
+    return ImageFolder(own.files, to_label[own.labels], info)
