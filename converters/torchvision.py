@@ -18,6 +18,7 @@ import io
 import pickle
 import re
 import types
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,7 +106,8 @@ def _map_key(torch_key: str, template: Mapping[tuple[str, ...], Any]) -> _Leaf |
     *mod, leaf = flax_path(torch_key)
     mod_t = tuple(mod)
     if leaf in _BN_LEAVES:
-        return _Leaf("batch_stats", mod_t + (_BN_LEAVES[leaf],), "plain")
+        path = mod_t + (_BN_LEAVES[leaf],)
+        return _Leaf("batch_stats", path, "plain") if ("batch_stats",) + path in template else None
     candidates: list[tuple[str, str]] = []
     if leaf == "weight":
         candidates = [("kernel", "kernel"), ("scale", "plain"), ("embedding", "plain")]
@@ -146,12 +148,29 @@ def _is_derived(spec: ModelSpec, key: str) -> bool:
     return leaf in _IGNORED_LEAVES or any(re.fullmatch(p, key) for p in spec.derived_buffers)
 
 
+def _owner_prefix(spec: ModelSpec, keys: list[str]) -> str:
+    """The prefix every key carries ahead of torchvision's names when the model was an attribute of a
+    training wrapper ('model.' for a LightningModule's self.model, 'backbone.', ...), located by the
+    classifier's weight; '' when the keys are torchvision's own or no single prefix explains them."""
+    head = spec.head + ".weight"
+    if head in keys:
+        return ""
+    for k in keys:
+        p = k[: -len(head)]
+        if k.endswith("." + head) and all(x.startswith(p) for x in keys):
+            return p
+    return ""
+
+
 def _fix_keys(spec: ModelSpec, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = collections.OrderedDict()
     if hasattr(state_dict, "_metadata"):  # module versions: torchvision's load hooks read them
         out._metadata = state_dict._metadata  # type: ignore[attr-defined]
+    owner = _owner_prefix(spec, [_strip_wrappers(k) for k in state_dict])
+    if owner:  # the strict key check below still has to pass, so this cannot fill a wrong leaf
+        warnings.warn(f"every checkpoint key starts with {owner!r} (a training wrapper's attribute): stripped", stacklevel=3)
     for k, v in state_dict.items():
-        k = _strip_wrappers(k)
+        k = _strip_wrappers(_strip_wrappers(k)[len(owner) :])
         for pat, rep in spec.key_fixups:
             k = re.sub(pat, rep, k)
         if k in out:
@@ -211,7 +230,9 @@ def convert(
     """Flax variables {'params', 'batch_stats'} for torchvision model `name` from its torch state_dict.
 
     `state_dict` values may be torch tensors or numpy arrays; `module.`/`_orig_mod.` prefixes are
-    stripped and the number of classes is read from the checkpoint's classifier.
+    stripped, and so is a prefix every key shares ahead of torchvision's names (`model.` from a
+    LightningModule's `self.model`), with a warning. The number of classes is read from the
+    checkpoint's classifier.
     head="reinit": drop the checkpoint's classifier and initialise a new one with `num_classes`
     outputs (from `rng`); head="keep" requires `num_classes`, if given, to match the checkpoint.
     Raises ConversionError listing every missing, unexpected and mis-shaped key together.
@@ -425,7 +446,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).split("\n\nCheck the documentation")[0]
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e).split("\n\nCheck the documentation")[0])  # torch's bold
         raise UnsafeCheckpointError(
             f"{path}: refused, this checkpoint needs arbitrary unpickling (weights_only=True load failed). "
             f"Nothing from it was executed. Save a plain state_dict (torch.save(model.state_dict(), ...)) "

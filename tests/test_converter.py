@@ -75,6 +75,31 @@ def test_kernels_permuted_by_torch_equal_numpy_and_never_alias(shape):
     np.testing.assert_array_equal(got, before)
 
 
+def test_a_training_wrappers_prefix_is_stripped_and_nothing_else(r18, tmp_path):
+    """A LightningModule saves `model.conv1.weight` for its `self.model`: stripped (the strict check still
+    runs). A prefix that does not sit ahead of the classifier's weight is not guessed at, and checkpoint
+    BatchNorm statistics the model has no place for are reported, not a KeyError."""
+    ref = convert("resnet18", r18.state_dict())
+    torch.save({"state_dict": {f"model.module.{k}": v for k, v in r18.state_dict().items()}, "epoch": 1},
+               tmp_path / "lightning.ckpt")
+    with pytest.warns(UserWarning, match="'model.module.'"):
+        got = convert("resnet18", load_checkpoint(tmp_path / "lightning.ckpt"))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    headless = {f"backbone.{k}": v for k, v in r18.state_dict().items() if not k.startswith("fc.")}
+    with pytest.raises(ConversionError, match=r"unexpected key\(s\):\n    backbone\.conv1\.weight"):
+        convert("resnet18", headless, head="reinit", num_classes=3)
+    sd = dict(r18.state_dict(), **{"layer9.bn1.running_mean": torch.zeros(4), "layer9.bn1.running_var": torch.ones(4)})
+    with pytest.raises(ConversionError, match=r"2 unexpected key\(s\)"):
+        convert("resnet18", sd)
+
+
+def test_to_torch_without_batch_stats_is_a_report_not_a_key_error(r18):
+    v = convert("resnet18", r18.state_dict())
+    with pytest.raises(ConversionError, match=r"missing.*\n    bn1\.running_mean"):
+        to_torch("resnet18", {"params": v["params"]})
+
+
 def test_all_problems_reported_together(r18):
     sd = dict(r18.state_dict())
     sd["layer1.0.conv1.wieght"] = sd.pop("layer1.0.conv1.weight")  # renamed -> missing + unexpected
