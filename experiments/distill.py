@@ -338,7 +338,6 @@ class Distiller:
         cfg = self.cfg
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        cfglib.save(dataclasses.replace(cfg, seed=seed, workdir=str(workdir)), workdir / "config.json")
         s_vars = student_variables(cfg.student, self.num_classes, cfg.image_size, seed, cfg.student_width)
         variables = distill.init_student(self.student, s_vars, cfg.image_size, jax.random.key(seed + 1))
         tx = optim.make_optimizer(cfg.optim, variables["params"], total_steps=cfg.loop.steps)
@@ -347,7 +346,9 @@ class Distiller:
         extra = None if (self.cached or not self.t_mods) else train.replicate(self.mesh, self.t_vars)
         eval_data = EvalSource(self.eval_split.arrays, cfg.eval_batch_size)
         t0 = time.perf_counter()
-        state, _ = self.trainer.fit(state, self.data(seed), eval_data, workdir=workdir, extra=extra, desc=desc)
+        run_cfg = dataclasses.replace(cfg, seed=seed, workdir=str(workdir))
+        state, _ = self.trainer.fit(state, self.data(seed), eval_data, workdir=workdir, extra=extra, desc=desc,
+                                    config=run_cfg)
         final = self.trainer.evaluate(state, eval_data)
         result = {
             "method": label or cfg.distill.method,

@@ -237,7 +237,6 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     workdir = Path(ft.workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        jconfig.save(job, workdir / "config.json")
     mesh = train.make_mesh(ft.num_devices or None)
     train_src, eval_src, num_classes = load_data(job, ft.seed)
     _info(
@@ -272,7 +271,7 @@ def run(job: FinetuneJob) -> dict[str, Any]:
         if ev is not None:
             ev = evaluator.bind(ev)
     state = tuner.init_state(variables)
-    state, history = tuner.trainer.fit(state, tr, ev, workdir=workdir, desc=f"{ft.model} {ft.mode}")
+    state, history = tuner.trainer.fit(state, tr, ev, workdir=workdir, desc=f"{ft.model} {ft.mode}", config=job)
     final = tuner.merge(variables, state)
 
     results: dict[str, Any] = {

@@ -60,6 +60,32 @@ def _remove_stale_tmp(directory: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tree does not fit the state it is restored into (another model, class
+    count, frozen set or optimizer wrote it)."""
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(np.shape(v)) for path, v in leaves}
+
+
+def _mismatch(saved: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], where: str) -> str | None:
+    """Every difference between a checkpoint's leaves and a target's, or None."""
+    only_saved = [k for k in saved if k not in want]
+    only_want = [k for k in want if k not in saved]
+    shapes = [f"{k}: checkpoint {saved[k]}, this run {want[k]}" for k in want if k in saved and saved[k] != want[k]]
+    if not (only_saved or only_want or shapes):
+        return None
+    lines = [f"{where} does not fit this run's state (another model, number of classes, set of trained "
+             "parameters or optimizer wrote it):"]
+    for title, items in (("in the checkpoint only", only_saved), ("in this run only", only_want), ("shapes differ", shapes)):
+        if items:
+            lines += [f"  {len(items)} {title}:"] + [f"    {x}" for x in items[:8]] + ([f"    ... and {len(items) - 8} more"] if len(items) > 8 else [])
+    lines.append("Resume needs the run's own setup: use a new workdir for a different one (or remove this one).")
+    return "\n".join(lines)
+
+
 def _float_metrics(metrics: dict[str, Any] | None) -> dict[str, float] | None:
     if metrics is None:
         return None
@@ -91,7 +117,9 @@ class TrainCheckpointer:
         _remove_stale_tmp(self.directory)
         common = {"create": True, "cleanup_tmp_directories": True, "enable_async_checkpointing": async_save}
         self._state = ocp.CheckpointManager(
-            self.directory / "state", options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common)
+            self.directory / "state",
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common),
+            item_handlers=ocp.StandardCheckpointHandler(),  # lets restore read the saved tree's shapes first
         )
         self._best: ocp.CheckpointManager | None = None
         if best_metric is not None:
@@ -125,11 +153,17 @@ class TrainCheckpointer:
         return step
 
     def restore(self, template: Any, step: int | None = None) -> Any:
-        """The TrainState at `step` (default: latest), with the structure and shardings of `template`."""
+        """The TrainState at `step` (default: latest), with the structure and shardings of `template`;
+        `CheckpointMismatchError` lists every leaf that does not fit it."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.directory / 'state'}")
         target = state_to_tree(template)
+        saved = self._state.item_metadata(step)
+        problem = _mismatch(_leaf_shapes(getattr(saved, "tree", saved)), _leaf_shapes(target),
+                            f"checkpoint step {step} under {self.directory / 'state'}")
+        if problem:
+            raise CheckpointMismatchError(problem)
         tree = self._state.restore(step, args=ocp.args.StandardRestore(target))
         return tree_to_state(template, tree)
 

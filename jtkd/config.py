@@ -224,6 +224,25 @@ def save(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
+def _dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def changes(cfg: Any, path: str | Path) -> list[str]:
+    """How `cfg` differs from the config saved at `path`, one 'key: saved -> now' each; [] when equal
+    or when there is no readable file."""
+    try:
+        old = _dotted(json.loads(Path(path).read_text()))
+    except (OSError, ValueError):
+        return []
+    new, gone = _dotted(json.loads(json.dumps(to_dict(cfg)))), "(absent)"  # tuples as the file holds them
+    return [f"{k}: {old.get(k, gone)!r} -> {new.get(k, gone)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k, gone) != new.get(k, gone)]
+
+
 def load(cls: type[C], path: str | Path, base: C | None = None) -> C:
     p = Path(path)
     if not p.is_file():

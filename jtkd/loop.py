@@ -15,8 +15,11 @@ Failure handling. Losses and gradient norms are checked before every log row and
 a NaN/inf stops the run with `NonFiniteError` naming the first bad step, and no checkpoint is
 written after it, so the last good checkpoint is what a restart (e.g. with a lower lr) resumes from.
 
-Run directory (`workdir`): config.json (by the caller), metrics.jsonl, metrics.png,
-checkpoints/state/<step>, checkpoints/best/<step> (see `jtkd.checkpoint`).
+Run directory (`workdir`): config.json (`fit(config=...)`: the run's config, rewritten once a resume
+has restored its checkpoint, with every changed field logged), metrics.jsonl, metrics.png,
+checkpoints/state/<step>, checkpoints/best/<step> (see `jtkd.checkpoint`). A checkpoint another setup
+wrote (model, classes, trained set, optimizer) is a `CheckpointMismatchError` listing the leaves that
+do not fit and the config fields that changed, and config.json is left as it was.
 
 Multi-host (GPU/TPU pods, or several CPU processes). Every process runs the same program:
 
@@ -54,8 +57,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jtkd import config as cfglib
 from jtkd import train
-from jtkd.checkpoint import TrainCheckpointer
+from jtkd.checkpoint import CheckpointMismatchError, TrainCheckpointer
 
 Batch = dict[str, np.ndarray]
 
@@ -462,8 +466,11 @@ class Trainer:
         workdir: str | Path | None = None,
         extra: Any = None,
         desc: str = "train",
+        config: Any = None,
     ) -> tuple[train.TrainState, list[dict[str, Any]]]:
         """Train to `config.steps`; returns the final state and the metric rows written.
+
+        config: the run's config dataclass, saved as workdir/config.json (see the module docstring).
 
         train_data: `step -> batch` (exact resume, e.g. ArraySource), a `Resumable`, or an iterable.
         eval_data: evaluation batches (EvalSource, or `jtkd.data.batches(..., train=False)` in a
@@ -482,21 +489,32 @@ class Trainer:
             )
         writer = MetricsWriter(workdir / "metrics.jsonl" if workdir is not None else None)
         try:
-            return self._fit(state, _step_fn(train_data), eval_data, ckpt, writer, workdir, extra, desc)
+            return self._fit(state, _step_fn(train_data), eval_data, ckpt, writer, workdir, extra, desc, config)
         finally:
             if ckpt is not None:
                 ckpt.close()
 
-    def _fit(self, state, get_batch, eval_data, ckpt, writer, workdir, extra, desc):
+    def _fit(self, state, get_batch, eval_data, ckpt, writer, workdir, extra, desc, run_config):
         cfg = self.config
         start = int(jax.device_get(state.step))
+        config_path = workdir / "config.json" if workdir is not None and run_config is not None else None
+        changed = cfglib.changes(run_config, config_path) if config_path is not None else []
         if ckpt is not None and cfg.resume and ckpt.latest_step() is not None:
-            state = ckpt.restore(state)
+            try:
+                state = ckpt.restore(state)
+            except CheckpointMismatchError as e:
+                what = "".join(f"\n  {c}" for c in changed) or " none (or no config.json)"
+                raise CheckpointMismatchError(f"{e}\nConfig fields changed since that run:{what}") from None
             start = int(jax.device_get(state.step))
             writer.truncate_after(start)
             _info(f"{desc}: resumed from checkpoint step {start} in {ckpt.directory}")
+            for c in changed:
+                _info(f"{desc}: config changed since this workdir's last run: {c}")
         elif writer.enabled and writer.path.exists():
             writer.truncate_after(start)
+        if config_path is not None and jax.process_index() == 0:
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            cfglib.save(run_config, config_path)
         history: list[dict[str, Any]] = []
         last_ckpt = ckpt.latest_step() if ckpt is not None else None
         pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked

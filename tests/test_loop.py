@@ -1,6 +1,8 @@
 """The training loop: exact resume, crash safety, NaN stop, determinism, evaluation, outputs."""
 
+import dataclasses
 import json
+import logging
 import shutil
 
 import jax
@@ -9,7 +11,7 @@ import pytest
 from engine_helpers import Tiny, assert_bitwise_equal, dataset, init
 
 from jtkd import optim, train
-from jtkd.checkpoint import TrainCheckpointer
+from jtkd.checkpoint import CheckpointMismatchError, TrainCheckpointer
 from jtkd.loop import (
     ArraySource,
     EvalSource,
@@ -24,11 +26,11 @@ from jtkd.loop import (
 N_DEV = 4  # tests/conftest.py provides 4 fake CPU devices
 
 
-def _setup(steps=12, lr=0.05, **loop_kw):
+def _setup(steps=12, lr=0.05, num_classes=3, **loop_kw):
     mesh = train.make_mesh(N_DEV)
-    model = Tiny(num_classes=3, axis_name=train.AXIS)
+    model = Tiny(num_classes=num_classes, axis_name=train.AXIS)
     cfg = optim.OptimConfig(optimizer="sgd", lr=lr, weight_decay=1e-3, warmup_steps=2)
-    variables = jax.device_get(init(Tiny(3)))  # host copies: the donated state never aliases them
+    variables = jax.device_get(init(Tiny(num_classes)))  # host copies: the donated state never aliases them
     tx = optim.make_optimizer(cfg, variables["params"], total_steps=steps)
     kw = dict(steps=steps, log_every=2, eval_every=4, checkpoint_every=4, progress=False, async_checkpoint=True)
     kw.update(loop_kw)
@@ -237,3 +239,31 @@ def test_sigterm_checkpoints_on_a_log_step_and_resume_is_identical(tmp_path):
     assert _rows(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == _rows(
         read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunConfig:
+    model: str = "tiny3"
+    lr: float = 0.05
+
+
+def test_config_json_follows_a_resume_and_a_foreign_checkpoint_is_named(tmp_path, caplog):
+    """fit(config=) writes config.json; a resume with a new lr logs the change and records it; a state
+    of another model (5 classes) gets the leaves that do not fit and the changed fields, not orbax's
+    tree dump, and config.json still describes the checkpoint."""
+    src, ev = _data()
+    trainer, fresh = _setup(steps=4)
+    trainer.fit(fresh(), src, ev, workdir=tmp_path, config=_RunConfig())
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model": "tiny3", "lr": 0.05}
+    trainer, fresh = _setup(steps=8, lr=0.01)
+    with caplog.at_level(logging.INFO):
+        state, _ = trainer.fit(fresh(), src, ev, workdir=tmp_path, config=_RunConfig(lr=0.01))
+    assert int(state.step) == 8 and "lr: 0.05 -> 0.01" in caplog.text
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
+    trainer, fresh = _setup(steps=12, num_classes=5)
+    with pytest.raises(CheckpointMismatchError) as info:
+        trainer.fit(fresh(), src, ev, workdir=tmp_path, config=_RunConfig(model="tiny5", lr=0.01))
+    msg = str(info.value)
+    assert "shapes differ" in msg and "params/fc/kernel: checkpoint (8, 3), this run (8, 5)" in msg
+    assert "model: 'tiny3' -> 'tiny5'" in msg and "lr" not in msg.split("Config fields changed")[1]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model": "tiny3", "lr": 0.01}
