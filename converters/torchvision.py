@@ -327,7 +327,7 @@ def _report(name: str, missing: list[str], unexpected: list[str], mismatched: li
             lines += [f"    {s}" for s in items[:50]]
             if len(items) > 50:
                 lines.append(f"    ... and {len(items) - 50} more")
-    if min(len(unexpected) + len(mismatched), len(missing) + len(mismatched)) > total // 4:
+    if max(len(unexpected), len(missing)) + len(mismatched) > total // 4:
         lines.append("  (many keys differ: is this a checkpoint of another architecture?)")
     return "\n".join(lines)
 

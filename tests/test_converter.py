@@ -118,6 +118,7 @@ def test_other_architecture_is_named(r18):
         convert("resnet50", r18.state_dict())
     msg = str(e.value)
     assert "resnet50" in msg and "missing" in msg and "shape mismatch" in msg
+    assert "another architecture?" in msg  # resnet18's keys all exist in resnet50: none is unexpected
 
 
 def test_unknown_model_and_bad_input():
