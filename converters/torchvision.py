@@ -233,8 +233,9 @@ def convert(
     stripped, and so is a prefix every key shares ahead of torchvision's names (`model.` from a
     LightningModule's `self.model`), with a warning. The number of classes is read from the
     checkpoint's classifier.
-    head="reinit": drop the checkpoint's classifier and initialise a new one with `num_classes`
-    outputs (from `rng`); head="keep" requires `num_classes`, if given, to match the checkpoint.
+    head="reinit": drop the checkpoint's classifier (and the auxiliary classifiers' output layers of
+    googlenet and inception_v3) and initialise new ones with `num_classes` outputs (from `rng`);
+    head="keep" requires `num_classes`, if given, to match the checkpoint.
     Raises ConversionError listing every missing, unexpected and mis-shaped key together.
     """
     if head not in ("keep", "reinit"):
@@ -247,8 +248,8 @@ def convert(
     if head == "reinit":
         if num_classes is None:
             raise ValueError("head='reinit' needs num_classes")
-        prefix = spec.head + "."
-        sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+        prefixes = tuple(h + "." for h in (spec.head, *spec.aux_heads))  # auxiliary classifiers get new heads too
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
         kw["num_classes"] = num_classes
     elif num_classes is not None and num_classes != kw["num_classes"]:
         raise ConversionError(
@@ -282,10 +283,11 @@ def convert(
 
     if head == "reinit":
         fresh = _flat(models.init(module, rng if rng is not None else jax.random.key(0), spec.input_size))
-        head_path = ("params",) + _head_path(spec)
-        for full in template:
-            if full[: len(head_path)] == head_path:
-                filled[full] = np.asarray(fresh[full])
+        for path in (_head_path(spec), *(flax_path(h + ".weight")[:-1] for h in spec.aux_heads)):
+            head_path = ("params",) + path
+            for full in template:
+                if full[: len(head_path)] == head_path:
+                    filled[full] = np.asarray(fresh[full])
 
     missing = [full for full in template if full not in seen and full not in filled]
     if unexpected or missing or mismatched:

@@ -128,6 +128,8 @@ class DistillRun:
         kind = self.data.split(":", 1)[0]
         if kind not in ("digits", "tfds", "folder") or (kind != "digits" and ":" not in self.data):
             raise ValueError(f"--data must be digits, tfds:NAME or folder:PATH, got {self.data!r}")
+        for spec in (self.student, *(t for group in self.teacher for t in group.split(",") if t)):
+            models.check_input_size(spec.partition(":")[0], self.image_size)
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -72,6 +72,7 @@ class FinetuneConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.mode == "partial" and self.freeze_stages < 1:
             raise ValueError("mode='partial' needs freeze_stages >= 1 (0 is mode='full')")
+        models.check_input_size(self.model, self.image_size)
 
     @property
     def bn_mode(self) -> str:
@@ -87,6 +88,7 @@ class FinetuneConfig:
 # ----------------------------------------------------------------------------------- variables
 def initial_variables(cfg: FinetuneConfig, num_classes: int, state_dict: Mapping[str, Any] | None = None) -> dict:
     """Start variables: a random init (scratch) or `state_dict` converted with a new `num_classes` head."""
+    cfg.validate()
     key = jax.random.key(cfg.seed)
     if cfg.mode == "scratch":
         return models.init(models.create(cfg.model, num_classes=num_classes), key, cfg.image_size)
@@ -282,11 +284,17 @@ class Finetuner:
             frozen: frozenset[str] = frozenset()
             input_key, bn = "features", "inference"
         else:
-            self.module = models.create(cfg.model, num_classes=num_classes, dtype=dtype, axis_name=train.AXIS)
             params = template["params"]
+            # The loss is on the main logits, so an auxiliary classifier (googlenet, inception_v3) would only
+            # cost compute, and inception_v3's needs 299 px inputs: train without it, carrying its
+            # parameters unchanged (frozen) so the exported checkpoint keeps them.
+            aux = models.aux_heads(cfg.model, params)
+            no_aux = {"aux_logits": False} if aux else {}
+            self.module = models.create(cfg.model, num_classes=num_classes, dtype=dtype, axis_name=train.AXIS, **no_aux)
             self.trainable = optim.trainable_mask(
                 params, cfg.mode, freeze_stages=cfg.freeze_stages, model=cfg.model, stages=stages
             )
+            self.trainable = {k: jax.tree.map(lambda _: False, v) if k in aux else v for k, v in self.trainable.items()}
             frozen = frozenset(k for k, v in self.trainable.items() if not any(jax.tree.leaves(v)))
             self.trainable = None if not frozen else self.trainable
             input_key = "image"

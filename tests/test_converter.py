@@ -100,6 +100,17 @@ def test_to_torch_without_batch_stats_is_a_report_not_a_key_error(r18):
         to_torch("resnet18", {"params": v["params"]})
 
 
+def test_head_reinit_also_replaces_auxiliary_classifiers():
+    """torchvision's inception_v3 weights carry AuxLogits with 1000 outputs; a new head for 3 classes
+    needs a new AuxLogits.fc too (before, its shape mismatch failed the conversion)."""
+    torch.manual_seed(0)
+    ref = torchvision.models.inception_v3(num_classes=5, aux_logits=True, init_weights=False)
+    v = convert("inception_v3", ref.state_dict(), head="reinit", num_classes=3, rng=jax.random.key(1))
+    assert v["params"]["AuxLogits"]["fc"]["kernel"].shape == (768, 3) and v["params"]["fc"]["kernel"].shape == (2048, 3)
+    np.testing.assert_array_equal(v["params"]["AuxLogits"]["conv1"]["conv"]["kernel"],
+                                  ref.state_dict()["AuxLogits.conv1.conv.weight"].permute(2, 3, 1, 0).numpy())
+
+
 def test_all_problems_reported_together(r18):
     sd = dict(r18.state_dict())
     sd["layer1.0.conv1.wieght"] = sd.pop("layer1.0.conv1.weight")  # renamed -> missing + unexpected

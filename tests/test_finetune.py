@@ -141,3 +141,25 @@ def test_label_smoothing_matches_torch():
 def test_config_validation():
     with pytest.raises(ValueError, match="freeze_stages >= 1"):
         dataclasses.replace(_cfg(), mode="partial", freeze_stages=0).validate()
+
+
+def test_auxiliary_classifiers_are_carried_unchanged_and_exported():
+    """googlenet fine-tunes without its aux heads (the loss is on the main logits): aux1/aux2 and their
+    BatchNorm statistics come out bit-identical, everything else trains, and the export loads into
+    torchvision's googlenet(aux_logits=True) with strict=True."""
+    from converters.torchvision import to_torch
+
+    torch.manual_seed(1)
+    sd = torchvision.models.googlenet(num_classes=5, aux_logits=True, init_weights=True).state_dict()
+    cfg = _cfg(model="googlenet", mode="full")
+    v = finetune.initial_variables(cfg, 3, sd)
+    ft = finetune.Finetuner(cfg, v, 3, train.make_mesh(1))
+    assert ft.frozen_modules == {"aux1", "aux2"} and ft.module.aux_logits is False
+    out, _ = ft.fit(v, _images(16, 0), _images(8, 1))
+    for k in ("aux1", "aux2"):
+        assert_bitwise_equal(out["params"][k], v["params"][k])
+        assert_bitwise_equal(out["batch_stats"][k], v["batch_stats"][k])
+    for k in ("conv1", "inception5b", "fc"):
+        assert not np.array_equal(jax.tree.leaves(out["params"][k])[0], jax.tree.leaves(v["params"][k])[0]), k
+    ref = torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=False)
+    ref.load_state_dict(to_torch("googlenet", out), strict=True)

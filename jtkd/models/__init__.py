@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -40,6 +41,20 @@ def create(name: str, num_classes: int = 1000, **kw: Any) -> nn.Module:
     """
     spec = get_spec(name)
     return spec.module(num_classes=num_classes, **{**spec.kwargs, **kw})
+
+
+def check_input_size(name: str, size: int) -> None:
+    """ValueError unless torchvision's model `name` accepts `size` x `size` inputs (its spec's min_size)."""
+    low = get_spec(name).min_size
+    if size < low:
+        raise ValueError(f"{name} needs inputs of at least {low} px (as in torchvision); image_size is {size}")
+
+
+def aux_heads(name: str, params: Mapping[str, Any]) -> list[str]:
+    """Top-level names of an auxiliary classifier's parameters (googlenet's aux1/aux2, inception_v3's
+    AuxLogits): models whose builder takes `aux_logits`."""
+    fields = getattr(get_spec(name).module, "__dataclass_fields__", {})
+    return [k for k in params if k.lower().startswith("aux")] if "aux_logits" in fields else []
 
 
 def init(name_or_module: str | nn.Module, rng: jax.Array, size: int | None = None, **kw: Any) -> dict:
@@ -76,4 +91,7 @@ def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = Fals
     return out, collect_features(state["features"])
 
 
-__all__ = ["ModelSpec", "collect_features", "create", "features", "get_spec", "init", "list_models", "shapes"]
+__all__ = [
+    "ModelSpec", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "init",
+    "list_models", "shapes",
+]

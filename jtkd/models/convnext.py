@@ -80,4 +80,6 @@ _CONFIGS = {
 }
 
 for _name, (_setting, _sd) in _CONFIGS.items():
-    register(_name, ConvNeXt, head="classifier.2", kwargs=dict(block_setting=_setting, stochastic_depth_prob=_sd))
+    register(
+        _name, ConvNeXt, head="classifier.2", kwargs=dict(block_setting=_setting, stochastic_depth_prob=_sd), min_size=32
+    )

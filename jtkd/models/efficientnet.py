@@ -189,5 +189,4 @@ for _name, (_w, _d, _drop, _eps, _mom, _size) in _CONFIGS.items():
             "norm_eps": _eps, "norm_momentum": _mom,
         },
         input_size=_size,
-        min_size=33 if _name.startswith("efficientnet_v2") else 32,  # torchvision's meta: V2 needs 33
     )

@@ -157,4 +157,6 @@ def _has_prefix(prefix: str):
     return infer
 
 
-register("googlenet", GoogLeNet, head="fc", min_size=15, infer_kwargs=_has_prefix("aux1."))
+register(
+    "googlenet", GoogLeNet, head="fc", aux_heads=("aux1.fc2", "aux2.fc2"), min_size=15, infer_kwargs=_has_prefix("aux1.")
+)

@@ -1,7 +1,8 @@
 """Inception v3, as `torchvision.models.inception_v3`.
 
 Every convolution is `BasicConv2d` (conv without bias, BatchNorm eps 1e-3, ReLU; shared with GoogLeNet).
-The stem and the grid reductions use unpadded convs and floor-mode pools, so inputs need >= 75 px.
+The stem and the grid reductions use unpadded convs and floor-mode pools, so inputs need >= 75 px
+(and >= 299 px for the auxiliary classifier, which runs in train mode).
 In train mode with `aux_logits` the model returns `InceptionOutputs(logits, aux_logits)` like torchvision;
 in eval mode (or without the aux head) only the main logits.
 """
@@ -160,6 +161,12 @@ class Inception3(layers.TorchModel):
             # torch only runs the aux head in train mode. At eval-mode init it must still run once so its
             # parameters exist (checkpoints carry them): on a dummy 17x17 map (its 299 px size) so that
             # init also works at inputs too small for the head; that output is discarded.
+            if train and min(x.shape[1:3]) < 17:
+                raise ValueError(
+                    f"inception_v3's auxiliary classifier needs inputs of at least 299 px in train mode (its 5x5 "
+                    f"conv on a 17x17 map), as in torchvision; got a {x.shape[1]}x{x.shape[2]} map. Train at 299 px, "
+                    "or create the model with aux_logits=False (jtkd's fine-tuning does: its loss ignores aux logits)"
+                )
             aux = head(x if train else jnp.zeros((1, 17, 17, x.shape[-1]), x.dtype), train)
             aux = aux if train else None
         x = InceptionD(name="Mixed_7a", **kw)(x, train)
@@ -176,7 +183,7 @@ class Inception3(layers.TorchModel):
 
 
 register(
-    "inception_v3", Inception3, head="fc", input_size=299, min_size=75, infer_kwargs=_has_prefix("AuxLogits."),
+    "inception_v3", Inception3, head="fc", aux_heads=("AuxLogits.fc",), input_size=299, min_size=75, infer_kwargs=_has_prefix("AuxLogits."),
     # torchvision's random init draws the fc from trunc_normal(std=0.1) without fan-in scaling over 2048
     # features, so the test's logits are ~85 even with calibrated BatchNorms; 2e-3 is ~2e-5 relative
     # (measured 6.6e-4). tests/test_inception_scaled_weights.py checks fan-in-scaled weights at 1e-6.

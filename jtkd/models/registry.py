@@ -25,8 +25,9 @@ class ModelSpec:
     module: Callable[..., nn.Module]
     kwargs: Mapping[str, Any]
     head: str  # torch module path of the layer whose output is `num_classes` (e.g. "fc")
+    aux_heads: tuple[str, ...] = ()  # auxiliary classifiers' output layers: num_classes outputs too
     input_size: int = 224  # torchvision's default evaluation size
-    min_size: int = 32  # smallest input side the architecture accepts
+    min_size: int = 1  # smallest input side torchvision's model accepts, train and eval (tests/test_min_size.py)
     # regex -> replacement applied to torch keys before mapping (legacy checkpoints torchvision's load hooks fix)
     key_fixups: tuple[tuple[str, str], ...] = ()
     # regexes of torch buffers that are recomputed in Flax (consumed on import, regenerated on export)

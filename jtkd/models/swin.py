@@ -243,6 +243,7 @@ for _name, (_dim, _depths, _heads, _win, _sd, _v2) in _CONFIGS.items():
             v2=_v2,
         ),
         input_size=256 if _v2 else 224,  # torchvision's evaluation crop
+        min_size=4,
         derived_buffers=(r".*\.attn\.relative_position_index", r".*\.attn\.relative_coords_table"),
         # 101x135: stage maps 25x33 / 13x17 / 7x9 / 4x5, so padding to window multiples, shifted windows with
         # masks over padded maps, odd patch merging and dropped shifts are all exercised
