@@ -494,5 +494,5 @@ def download_weights(name: str, weights: str = "DEFAULT") -> dict[str, Any]:
     except OSError as e:  # urllib.error.URLError is an OSError
         raise ConnectionError(
             f"could not download {w} from {w.url}: {e}. This needs internet; offline, save the weights elsewhere "
-            "and pass --checkpoint PATH"
+            "and pass the file instead (--checkpoint PATH; a distillation teacher as NAME:PATH)"
         ) from None

@@ -224,26 +224,31 @@ class MixedSource:
 
 
 # --------------------------------------------------------------------------------------- models
-def _width_kw(width: int) -> dict[str, int]:
-    return {"width": width} if width else {}
+def _student_kw(name: str, width: int) -> dict[str, Any]:
+    # no auxiliary classifiers (googlenet, inception_v3): the losses read one output per teacher
+    return {**({"width": width} if width else {}), **({"aux_logits": False} if models.has_aux(name) else {})}
 
 
 def student_module(spec: str, num_classes: int, width: int = 0) -> Any:
     """The student for data-parallel training (BatchNorm statistics synchronised over the mesh)."""
-    return models.create(spec.partition(":")[0], num_classes=num_classes, axis_name=train.AXIS, **_width_kw(width))
+    name = spec.partition(":")[0]
+    return models.create(name, num_classes=num_classes, axis_name=train.AXIS, **_student_kw(name, width))
 
 
 def student_variables(spec: str, num_classes: int, image_size: int, seed: int, width: int = 0) -> dict:
-    """NAME: a random init from `seed`; NAME:CKPT: torch weights converted, with a new `num_classes` head."""
+    """NAME: a random init from `seed`; NAME:CKPT: torch weights converted, with a new `num_classes` head
+    (a checkpoint's auxiliary classifiers are left out, as the student has none)."""
     name, _, path = spec.partition(":")
     if not path:
-        module = models.create(name, num_classes=num_classes, **_width_kw(width))
+        module = models.create(name, num_classes=num_classes, **_student_kw(name, width))
         return models.init(module, jax.random.key(seed), image_size)
     if width:
         raise ValueError("--student_width builds a non-torchvision width: it has no checkpoint to load")
     from converters import torchvision as tv
 
-    return tv.convert(name, tv.load_checkpoint(path), head="reinit", num_classes=num_classes, rng=jax.random.key(seed))
+    v = tv.convert(name, tv.load_checkpoint(path), head="reinit", num_classes=num_classes, rng=jax.random.key(seed))
+    aux = models.aux_heads(name, v["params"])
+    return {c: {k: x for k, x in tree.items() if k not in aux} for c, tree in v.items()}
 
 
 def evaluate_model(module: Any, variables: Any, split: Split, batch_size: int = 256) -> float:

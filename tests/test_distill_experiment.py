@@ -121,3 +121,21 @@ def test_folder_data_labels_the_eval_split_with_the_training_classes(tmp_path):
         tr, te, _ = exp.load_data(keep)
     assert tr.num_classes == te.num_classes == 3
     assert sorted(tr.arrays["label"].tolist()) == [0, 0, 1, 1, 2, 2] and sorted(te.arrays["label"].tolist()) == [0, 0, 2, 2]
+
+
+def test_googlenet_student_has_no_auxiliary_classifiers(tmp_path):
+    """A googlenet student (random or from a checkpoint with aux heads) trains one output: before, its
+    train-mode (logits, aux2, aux1) tuple read as a three-head student and the run failed."""
+    import jax
+
+    torch.save(torchvision.models.googlenet(num_classes=5, aux_logits=True, init_weights=False).state_dict(),
+               tmp_path / "g.pth")
+    module = exp.student_module("googlenet", 3)
+    assert module.aux_logits is False
+    module = module.clone(axis_name=None)  # the train step's BatchNorm syncs over the mesh axis; not here
+    for spec in ("googlenet", f"googlenet:{tmp_path / 'g.pth'}"):
+        v = exp.student_variables(spec, 3, 32, seed=0)
+        assert not any(k.startswith("aux") for k in v["params"]) and v["params"]["fc"]["kernel"].shape == (1024, 3)
+        out, _ = module.apply(v, np.zeros((2, 32, 32, 3), np.float32), train=True, mutable=["batch_stats"],
+                              rngs={"dropout": jax.random.key(0)})
+        assert out.shape == (2, 3)

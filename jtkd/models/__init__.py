@@ -50,11 +50,14 @@ def check_input_size(name: str, size: int) -> None:
         raise ValueError(f"{name} needs inputs of at least {low} px (as in torchvision); image_size is {size}")
 
 
+def has_aux(name: str) -> bool:
+    """Whether the builder takes `aux_logits` (googlenet, inception_v3: auxiliary classifiers in train mode)."""
+    return "aux_logits" in getattr(get_spec(name).module, "__dataclass_fields__", {})
+
+
 def aux_heads(name: str, params: Mapping[str, Any]) -> list[str]:
-    """Top-level names of an auxiliary classifier's parameters (googlenet's aux1/aux2, inception_v3's
-    AuxLogits): models whose builder takes `aux_logits`."""
-    fields = getattr(get_spec(name).module, "__dataclass_fields__", {})
-    return [k for k in params if k.lower().startswith("aux")] if "aux_logits" in fields else []
+    """Top-level names of the auxiliary classifiers' parameters (googlenet's aux1/aux2, inception_v3's AuxLogits)."""
+    return [k for k in params if k.lower().startswith("aux")] if has_aux(name) else []
 
 
 def init(name_or_module: str | nn.Module, rng: jax.Array, size: int | None = None, **kw: Any) -> dict:
@@ -92,6 +95,6 @@ def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = Fals
 
 
 __all__ = [
-    "ModelSpec", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "init",
+    "ModelSpec", "aux_heads", "check_input_size", "has_aux", "collect_features", "create", "features", "get_spec", "init",
     "list_models", "shapes",
 ]
