@@ -189,11 +189,13 @@ class Head(nn.Module):
 
 
 def split_head(model: str, variables: dict) -> tuple[dict, dict]:
-    """(backbone variables for num_classes=0, head params {name: {...}})."""
+    """(backbone variables for num_classes=0, head params {name: {...}}); auxiliary classifiers
+    (googlenet, inception_v3) belong to neither: a num_classes=0 model has none."""
     names = optim.head_names(model, variables["params"])
     if not names:
         raise ValueError(f"{model}: no classifier found in the variables")
-    backbone = {**variables, "params": {k: v for k, v in variables["params"].items() if k not in names}}
+    drop = {*names, *models.aux_heads(model, variables["params"])}
+    backbone = {**variables, "params": {k: v for k, v in variables["params"].items() if k not in drop}}
     return backbone, {k: variables["params"][k] for k in names}
 
 

@@ -163,3 +163,7 @@ def test_auxiliary_classifiers_are_carried_unchanged_and_exported():
         assert not np.array_equal(jax.tree.leaves(out["params"][k])[0], jax.tree.leaves(v["params"][k])[0]), k
     ref = torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=False)
     ref.load_state_dict(to_torch("googlenet", out), strict=True)
+    # a cached-feature probe: the backbone is the num_classes=0 model, which has no aux heads either
+    finetune.check_linear_head("googlenet", v)
+    backbone, head = finetune.split_head("googlenet", v)
+    assert list(head) == ["fc"] and not any(k.startswith("aux") for k in backbone["params"])
