@@ -131,7 +131,8 @@ def load_data(job: FinetuneJob, seed: int):
     eval_src = _source(eval_spec, job.eval_split, job, seed, train=False, classes=names) if eval_spec else None
     if eval_src is not None and tuple(eval_src.info.class_names) != tuple(names):
         # labels pair up by position: different names would be scored against the wrong outputs
-        raise ValueError(f"train data's classes {list(names)} differ from eval data's {list(eval_src.info.class_names)}")
+        theirs = list(eval_src.info.class_names)
+        raise ValueError(f"train data's classes {list(names)} differ from eval data's {theirs}")
     return train_src, eval_src, train_src.info.num_classes
 
 

@@ -67,7 +67,10 @@ class CheckpointMismatchError(ValueError):
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(np.shape(v)) for path, v in leaves}
+    def name(path: tuple) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    return {name(path): tuple(np.shape(v)) for path, v in leaves}
 
 
 def _mismatch(saved: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], where: str) -> str | None:
@@ -79,9 +82,11 @@ def _mismatch(saved: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]
         return None
     lines = [f"{where} does not fit this run's state (another model, number of classes, set of trained "
              "parameters or optimizer wrote it):"]
-    for title, items in (("in the checkpoint only", only_saved), ("in this run only", only_want), ("shapes differ", shapes)):
+    groups = (("in the checkpoint only", only_saved), ("in this run only", only_want), ("shapes differ", shapes))
+    for title, items in groups:
         if items:
-            lines += [f"  {len(items)} {title}:"] + [f"    {x}" for x in items[:8]] + ([f"    ... and {len(items) - 8} more"] if len(items) > 8 else [])
+            lines += [f"  {len(items)} {title}:"] + [f"    {x}" for x in items[:8]]
+            lines += [f"    ... and {len(items) - 8} more"] if len(items) > 8 else []
     lines.append("Resume needs the run's own setup: use a new workdir for a different one (or remove this one).")
     return "\n".join(lines)
 

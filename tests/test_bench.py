@@ -209,11 +209,12 @@ def test_train_cases_are_handed_over_one_by_one():
 
     from bench import train_step
 
-    cases = (common.TrainCase("no_such_model", 64, 2), common.TrainCase("resnet18", 8, 2))  # both skipped
+    # both skipped: an unknown model, and alexnet below its 63 px
+    cases = (common.TrainCase("no_such_model", 64, 2), common.TrainCase("alexnet", 32, 2))
     preset = dataclasses.replace(common.PRESETS["tiny"], train=cases)
     seen = []
     out = train_step.run(preset, "cpu", "none", on_case=lambda r: seen.append([c["model"] for c in r]))
-    assert seen == [["no_such_model"], ["no_such_model", "resnet18"]]
+    assert seen == [["no_such_model"], ["no_such_model", "alexnet"]]
     assert all("skipped" in c for c in out)
 
 

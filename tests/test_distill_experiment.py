@@ -120,7 +120,8 @@ def test_folder_data_labels_the_eval_split_with_the_training_classes(tmp_path):
         warnings.simplefilter("ignore")
         tr, te, _ = exp.load_data(keep)
     assert tr.num_classes == te.num_classes == 3
-    assert sorted(tr.arrays["label"].tolist()) == [0, 0, 1, 1, 2, 2] and sorted(te.arrays["label"].tolist()) == [0, 0, 2, 2]
+    assert sorted(tr.arrays["label"].tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sorted(te.arrays["label"].tolist()) == [0, 0, 2, 2]
 
 
 def test_googlenet_student_has_no_auxiliary_classifiers(tmp_path):

@@ -2,6 +2,7 @@
 the fine-tuning config refuses smaller images with an error naming the model and the size."""
 
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,10 @@ FAMILIES = [
     "maxvit_t", "mnasnet0_5", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "shufflenet_v2_x0_5",
     "squeezenet1_0", "squeezenet1_1", "swin_t", "swin_v2_t", "vgg11",
 ]
+
+
+def _apply(module, variables, x, train):
+    return module.apply(variables, x, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
 
 
 def _torch_runs(model, size):
@@ -45,10 +50,7 @@ def test_min_size_is_torchvisions_limit_and_jtkd_runs_there(name):
     module = models.create(name, num_classes=3, **kw)
     variables = models.shapes(module, max(low, 32) if name != "maxvit_t" else 224)
     for train in (False, True):
-        out = jax.eval_shape(
-            lambda v, x, t=train: module.apply(v, x, train=t, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}),
-            variables, jnp.zeros((2, low, low, 3)),
-        )
+        out = jax.eval_shape(partial(_apply, module, train=train), variables, jnp.zeros((2, low, low, 3)))
         logits = out[0][0] if isinstance(out[0], tuple) else out[0]  # googlenet's train mode adds aux logits
         assert logits.shape == (2, 3)
 
@@ -63,8 +65,7 @@ def test_inception_aux_head_below_299_px_is_named_and_finetuning_trains_without_
     module = models.create("inception_v3", num_classes=3)
     variables = models.shapes(module, 299)
     with pytest.raises(ValueError, match="auxiliary classifier needs inputs of at least 299 px"):
-        jax.eval_shape(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}),
-                       variables, jnp.zeros((2, 224, 224, 3)))
+        jax.eval_shape(partial(_apply, module, train=True), variables, jnp.zeros((2, 224, 224, 3)))
     assert models.aux_heads("inception_v3", variables["params"]) == ["AuxLogits"]
     assert sorted(models.aux_heads("googlenet", models.shapes("googlenet", 64)["params"])) == ["aux1", "aux2"]
     assert models.aux_heads("resnet18", models.shapes("resnet18", 32)["params"]) == []

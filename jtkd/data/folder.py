@@ -192,7 +192,8 @@ def image_folder(
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise BadImageError(
             bad[0][0],
-            f"{bad[0][1]}\n{len(bad)} bad file(s) under {root!r}:\n{listing}{more}\n(on_bad='skip', on the command line --folder.on_bad skip, leaves them out)",
+            f"{bad[0][1]}\n{len(bad)} bad file(s) under {root!r}:\n{listing}{more}\n"
+            "(on_bad='skip', on the command line --folder.on_bad skip, leaves them out)",
         )
     if bad:
         warnings.warn(

@@ -95,6 +95,6 @@ def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = Fals
 
 
 __all__ = [
-    "ModelSpec", "aux_heads", "check_input_size", "has_aux", "collect_features", "create", "features", "get_spec", "init",
-    "list_models", "shapes",
+    "ModelSpec", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "has_aux",
+    "init", "list_models", "shapes",
 ]
