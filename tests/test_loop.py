@@ -256,8 +256,13 @@ def test_config_json_follows_a_resume_and_a_foreign_checkpoint_is_named(tmp_path
     trainer.fit(fresh(), src, ev, workdir=tmp_path, config=_RunConfig())
     assert json.loads((tmp_path / "config.json").read_text()) == {"model": "tiny3", "lr": 0.05}
     trainer, fresh = _setup(steps=8, lr=0.01)
-    with caplog.at_level(logging.INFO):
-        state, _ = trainer.fit(fresh(), src, ev, workdir=tmp_path, config=_RunConfig(lr=0.01))
+    logger = logging.getLogger("jtkd")  # setup_logging (run by other tests in this process) stops propagation
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="jtkd"):
+            state, _ = trainer.fit(fresh(), src, ev, workdir=tmp_path, config=_RunConfig(lr=0.01))
+    finally:
+        logger.removeHandler(caplog.handler)
     assert int(state.step) == 8 and "lr: 0.05 -> 0.01" in caplog.text
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
     trainer, fresh = _setup(steps=12, num_classes=5)
