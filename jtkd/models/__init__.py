@@ -51,13 +51,14 @@ def check_input_size(name: str, size: int) -> None:
 
 
 def has_aux(name: str) -> bool:
-    """Whether the builder takes `aux_logits` (googlenet, inception_v3: auxiliary classifiers in train mode)."""
-    return "aux_logits" in getattr(get_spec(name).module, "__dataclass_fields__", {})
+    """Whether the model has auxiliary classifiers (googlenet, inception_v3: `aux_logits`, run in train mode)."""
+    return bool(get_spec(name).aux_heads)
 
 
 def aux_heads(name: str, params: Mapping[str, Any]) -> list[str]:
-    """Top-level names of the auxiliary classifiers' parameters (googlenet's aux1/aux2, inception_v3's AuxLogits)."""
-    return [k for k in params if k.lower().startswith("aux")] if has_aux(name) else []
+    """Top-level names of the auxiliary classifiers present in `params` (googlenet's aux1/aux2,
+    inception_v3's AuxLogits), from the spec's `aux_heads`."""
+    return [k for k in dict.fromkeys(h.split(".")[0] for h in get_spec(name).aux_heads) if k in params]
 
 
 def init(name_or_module: str | nn.Module, rng: jax.Array, size: int | None = None, **kw: Any) -> dict:
