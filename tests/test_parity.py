@@ -9,11 +9,9 @@ highest matmul precision; argmax must agree.
 import json
 import os
 
-import numpy as np
 import pytest
 
 from converters import parity
-from converters.torchvision import convert
 from jtkd.models import get_spec, list_models
 
 NUM_CLASSES = 13

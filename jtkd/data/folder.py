@@ -241,11 +241,8 @@ def eval_folder(
     path: str | os.PathLike,
     classes: Sequence[str],
     *,
-    on_bad: Literal["error", "skip"] = "error",
     on_empty: Literal["error", "drop", "keep"] = "error",
-    validate: Literal["header", "full", "none"] = "header",
-    num_workers: int = 8,
-    split: str = "",
+    **folder_kw: Any,
 ) -> ImageFolder:
     """An evaluation folder labelled as the training data is: `classes` are the training class names
     in label order (`train.info.class_names`), i.e. the model's outputs.
@@ -253,8 +250,11 @@ def eval_folder(
     Unlike `image_folder(path, classes=...)`, which picks a subset, every sub-folder must be one of
     `classes`: one that is not raises, naming it (the model has no output for its images). A class
     without a folder or usable images here raises with on_empty='error', else (drop or keep) its
-    label stays unused in evaluation, with a warning; labels are never renumbered.
+    label stays unused in evaluation, with a warning; labels are never renumbered. `folder_kw` are
+    `image_folder`'s other arguments (on_bad, validate, num_workers, split).
     """
+    if on_empty not in ("error", "drop", "keep"):
+        raise ValueError(f"on_empty must be 'error', 'drop' or 'keep', got {on_empty!r}")
     root = os.fspath(path)
     classes = list(classes)
     found = _class_dirs(root)
@@ -273,8 +273,7 @@ def eval_folder(
     if missing:
         warnings.warn(f"eval_folder({root!r}): no folder for classes {missing}; their labels stay unused", stacklevel=2)
     present = [c for c in classes if c in found]
-    own = image_folder(root, classes=present, on_bad=on_bad, on_empty="error" if on_empty == "error" else "keep",
-                       validate=validate, num_workers=num_workers, split=split)
+    own = image_folder(root, classes=present, on_empty="error" if on_empty == "error" else "keep", **folder_kw)
     to_label = np.asarray([classes.index(c) for c in present], np.int32)
     info = dataclasses.replace(own.info, class_names=tuple(classes), label_map={c: i for i, c in enumerate(classes)})
     return ImageFolder(own.files, to_label[own.labels], info)

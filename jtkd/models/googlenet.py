@@ -10,7 +10,7 @@ like torchvision; in eval mode (or without aux heads) only the main logits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -150,13 +150,4 @@ class GoogLeNet(layers.TorchModel):
         return out if train else None
 
 
-def _has_prefix(prefix: str):
-    def infer(state_dict: Mapping[str, tuple[int, ...]]) -> dict[str, bool]:
-        return {"aux_logits": any(k.startswith(prefix) for k in state_dict)}
-
-    return infer
-
-
-register(
-    "googlenet", GoogLeNet, head="fc", aux_heads=("aux1.fc2", "aux2.fc2"), min_size=15, infer_kwargs=_has_prefix("aux1.")
-)
+register("googlenet", GoogLeNet, head="fc", aux_heads=("aux1.fc2", "aux2.fc2"), min_size=15)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jtkd.models import layers
-from jtkd.models.googlenet import BasicConv2d, _has_prefix, transform_input
+from jtkd.models.googlenet import BasicConv2d, transform_input
 from jtkd.models.registry import register
 
 
@@ -183,7 +183,7 @@ class Inception3(layers.TorchModel):
 
 
 register(
-    "inception_v3", Inception3, head="fc", aux_heads=("AuxLogits.fc",), input_size=299, min_size=75, infer_kwargs=_has_prefix("AuxLogits."),
+    "inception_v3", Inception3, head="fc", aux_heads=("AuxLogits.fc",), input_size=299, min_size=75,
     # torchvision's random init draws the fc from trunc_normal(std=0.1) without fan-in scaling over 2048
     # features, so the test's logits are ~85 even with calibrated BatchNorms; 2e-3 is ~2e-5 relative
     # (measured 6.6e-4). tests/test_inception_scaled_weights.py checks fan-in-scaled weights at 1e-6.

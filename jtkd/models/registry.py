@@ -32,7 +32,8 @@ class ModelSpec:
     key_fixups: tuple[tuple[str, str], ...] = ()
     # regexes of torch buffers that are recomputed in Flax (consumed on import, regenerated on export)
     derived_buffers: tuple[str, ...] = ()
-    # torch state_dict (key -> shape) -> builder kwargs it implies, beyond num_classes (e.g. aux_logits)
+    # torch state_dict (key -> shape) -> builder kwargs it implies, beyond num_classes; with aux_heads
+    # it defaults to aux_logits = whether the first aux head's module is in the state_dict
     infer_kwargs: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]] | None = None
     # (name, **jtkd kwargs) -> the torchvision nn.Module, where jtkd's kwargs are not torchvision's
     # builder kwargs (MNASNet's legacy_stem); None: torchvision.models.get_model(name, weights=None, **kw)
@@ -51,11 +52,20 @@ _REGISTRY: dict[str, ModelSpec] = {}
 def register(name: str, module: Callable[..., nn.Module], *, head: str, **spec_kw: Any) -> ModelSpec:
     kwargs = spec_kw.pop("kwargs", {})
     spec_kw.setdefault("family", getattr(module, "__module__", "").rsplit(".", 1)[-1])
+    if spec_kw.get("aux_heads") and spec_kw.get("infer_kwargs") is None:
+        spec_kw["infer_kwargs"] = _aux_logits_if_present(spec_kw["aux_heads"][0].split(".")[0] + ".")
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
     spec = ModelSpec(name=name, module=module, kwargs=dict(kwargs), head=head, **spec_kw)
     _REGISTRY[name] = spec
     return spec
+
+
+def _aux_logits_if_present(prefix: str) -> Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]]:
+    def infer(state_dict: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        return {"aux_logits": any(k.startswith(prefix) for k in state_dict)}
+
+    return infer
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jtkd.models import layers
 from jtkd.models.registry import register
