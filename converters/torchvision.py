@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from jtkd import models
-from jtkd.models.registry import ModelSpec, get_spec
+from jtkd.models.registry import ModelSpec, flax_path, get_spec
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 _IGNORED_LEAVES = ("num_batches_tracked",)
@@ -44,17 +44,6 @@ class UnsafeCheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- keys
-def flax_path(torch_key: str) -> tuple[str, ...]:
-    """`layer1.0.downsample.1.weight` -> ('layer1_0', 'downsample_1', 'weight'): numeric parts join the one before."""
-    out: list[str] = []
-    for part in torch_key.split("."):
-        if part.isdigit() and out:
-            out[-1] = f"{out[-1]}_{part}"
-        else:
-            out.append(part)
-    return tuple(out)
-
-
 def _strip_wrappers(key: str) -> str:
     changed = True
     while changed:
@@ -283,7 +272,7 @@ def convert(
 
     if head == "reinit":
         fresh = _flat(models.init(module, rng if rng is not None else jax.random.key(0), spec.input_size))
-        for path in (_head_path(spec), *(flax_path(h + ".weight")[:-1] for h in spec.aux_heads)):
+        for path in (spec.head_path, *(flax_path(h + ".weight")[:-1] for h in spec.aux_heads)):
             head_path = ("params",) + path
             for full in template:
                 if full[: len(head_path)] == head_path:
@@ -298,10 +287,6 @@ def convert(
     variables.setdefault("params", {})
     variables.setdefault("batch_stats", {})
     return variables
-
-
-def _head_path(spec: ModelSpec) -> tuple[str, ...]:
-    return flax_path(spec.head + ".weight")[:-1]
 
 
 def _torch_names(name: str, model_kw: Mapping[str, Any], leaves: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
@@ -372,6 +357,18 @@ def _torch_shapes(flat: Mapping[tuple[str, ...], Any]) -> dict[str, tuple[int, .
     return out
 
 
+def _implied(spec: ModelSpec, flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    return spec.infer_kwargs(_torch_shapes(flat)) if spec.infer_kwargs is not None else {}
+
+
+def implied_kwargs(name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The builder kwargs beyond num_classes that Flax variables' shapes imply (aux_logits, ViT
+    image_size and representation_size, MNASNet's legacy_stem), as `model_kwargs` reads them from a
+    torch state_dict: `models.create(name, num_classes=..., **implied_kwargs(name, variables))` is
+    the module that applies `variables`."""
+    return _implied(get_spec(name), _flat({"params": variables.get("params", {})}))
+
+
 def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[str, Any]:
     """A torch state_dict for torchvision model `name` from Flax variables; loads with strict=True.
 
@@ -382,9 +379,7 @@ def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[s
 
     spec = get_spec(name)
     flat = _flat({"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})})
-    kw = {"num_classes": _flax_num_classes(spec, flat), **model_kw}
-    if spec.infer_kwargs is not None:  # aux_logits, image_size, ... as the variables' shapes imply
-        kw = {**spec.infer_kwargs(_torch_shapes(flat)), **kw}
+    kw = {"num_classes": models.num_classes(name, variables), **_implied(spec, flat), **model_kw}
     expected = build_torch_model(name, "meta", **kw).state_dict()
     out: dict[str, Any] = {}
     used: set[tuple[str, ...]] = set()
@@ -417,14 +412,6 @@ def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[s
     return result
 
 
-def _flax_num_classes(spec: ModelSpec, flat: Mapping[tuple[str, ...], Any]) -> int:
-    for leaf in ("bias", "kernel"):
-        full = ("params",) + _head_path(spec) + (leaf,)
-        if full in flat:
-            return int(np.shape(flat[full])[-1])
-    return 0
-
-
 # ------------------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A torch state_dict from `.pth`/`.pt`/`.bin` (torch.load weights_only=True) or `.safetensors`.
@@ -433,6 +420,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     are unwrapped. Anything that needs arbitrary unpickling is refused and nothing of it runs.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a directory, not a torch checkpoint file; Flax variables saved there (by `python -m "
+            "converters --out`, or a run's final/) load with jtkd.checkpoint.load_variables"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

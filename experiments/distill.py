@@ -229,24 +229,38 @@ def _student_kw(name: str, width: int) -> dict[str, Any]:
     return {**({"width": width} if width else {}), **({"aux_logits": False} if models.has_aux(name) else {})}
 
 
-def student_module(spec: str, num_classes: int, width: int = 0) -> Any:
-    """The student for data-parallel training (BatchNorm statistics synchronised over the mesh)."""
-    name = spec.partition(":")[0]
-    return models.create(name, num_classes=num_classes, axis_name=train.AXIS, **_student_kw(name, width))
+def student_module(spec: str, num_classes: int, image_size: int, width: int = 0) -> Any:
+    """The student for data-parallel training (BatchNorm statistics synchronised over the mesh), built
+    for `image_size` inputs and, from NAME:CKPT, with the builder kwargs the checkpoint implies."""
+    name, _, path = spec.partition(":")
+    kw = {**_checkpoint_kw(name, path), **models.size_kwargs(name, image_size), **_student_kw(name, width)}
+    return models.create(name, num_classes=num_classes, axis_name=train.AXIS, **kw)
+
+
+def _checkpoint_kw(name: str, path: str) -> dict[str, Any]:
+    if not path:
+        return {}
+    from converters import torchvision as tv
+
+    kw = tv.model_kwargs(name, tv.load_checkpoint(path))  # e.g. MNASNet's legacy stem
+    kw.pop("num_classes")
+    return kw
 
 
 def student_variables(spec: str, num_classes: int, image_size: int, seed: int, width: int = 0) -> dict:
     """NAME: a random init from `seed`; NAME:CKPT: torch weights converted, with a new `num_classes` head
-    (a checkpoint's auxiliary classifiers are left out, as the student has none)."""
+    (a checkpoint's auxiliary classifiers are left out, as the student has none; a ViT's positional
+    embeddings are resampled for `image_size`)."""
     name, _, path = spec.partition(":")
     if not path:
-        module = models.create(name, num_classes=num_classes, **_student_kw(name, width))
-        return models.init(module, jax.random.key(seed), image_size)
+        kw = {**models.size_kwargs(name, image_size), **_student_kw(name, width)}
+        return models.init(models.create(name, num_classes=num_classes, **kw), jax.random.key(seed), image_size)
     if width:
         raise ValueError("--student_width builds a non-torchvision width: it has no checkpoint to load")
     from converters import torchvision as tv
 
     v = tv.convert(name, tv.load_checkpoint(path), head="reinit", num_classes=num_classes, rng=jax.random.key(seed))
+    v = models.at_size(name, v, image_size)
     aux = models.aux_heads(name, v["params"])
     return {c: {k: x for k, x in tree.items() if k not in aux} for c, tree in v.items()}
 
@@ -275,7 +289,7 @@ def load_teachers(cfg: DistillRun, num_classes: int, objective: distill.Objectiv
     needs_classes = any(t.uses_logits for t in objective.terms)
     mods, vars_ = [], []
     for spec in cfg.teacher:
-        m, v = distill.load_teacher(spec, num_classes if needs_classes else None)
+        m, v = distill.load_teacher(spec, num_classes if needs_classes else None, cfg.image_size)
         mods.append(m)
         vars_.append(v)
     return Teachers(tuple(cfg.teacher), mods, vars_)
@@ -307,7 +321,7 @@ class Distiller:
         self.train_split, self.transfer = self._with_teacher(train_split), self._with_teacher(transfer)
         n_train = (self.transfer or self.train_split).n if stream is None else len(stream)
         self.steps_per_epoch = max(1, math.floor(n_train / cfg.batch_size))
-        student = student_module(cfg.student, self.num_classes, cfg.student_width)
+        student = student_module(cfg.student, self.num_classes, cfg.image_size, cfg.student_width)
         self.student = distill.build_student(student, self.objective, t_mods, t_vars, cfg.image_size)
         self.schedule = optim.make_schedule(cfg.optim, cfg.loop.steps)
         loss_fn = distill.distill_loss(self.objective, t_mods, steps_per_epoch=self.steps_per_epoch)

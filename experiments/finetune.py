@@ -59,7 +59,7 @@ class FinetuneJob:
     eval_split: str = "test"
     tfds_data_dir: str = ""
     download: bool = False  # let tfds download and prepare the data set (needs internet)
-    checkpoint: str = ""  # torch state_dict (.pth/.pt/.bin/.safetensors)
+    checkpoint: str = ""  # torch state_dict (.pth/.pt/.bin/.safetensors), or orbax variables (a directory)
     weights: str = ""  # torchvision weights name (DEFAULT, IMAGENET1K_V2, ...): downloaded through torchvision
     digits_classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
     labels_per_class: int = 0  # digits: few-shot subset of the train split (0: all)
@@ -209,6 +209,12 @@ def _eval_batches(job: FinetuneJob, src):
 def _state_dict(job: FinetuneJob):
     from converters import torchvision as tvc
 
+    if job.checkpoint and Path(job.checkpoint).is_dir():
+        # Flax variables (`python -m converters ... --out`'s variables/, a run's final/): through their
+        # torch state_dict, so the same strict conversion and head replacement apply
+        from jtkd.checkpoint import load_variables
+
+        return tvc.to_torch(job.finetune.model, load_variables(job.checkpoint))
     if job.checkpoint:
         return tvc.load_checkpoint(job.checkpoint)
     if job.weights:
@@ -230,6 +236,7 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     elif job.distributed:
         jax.distributed.initialize()
 
+    from converters.torchvision import implied_kwargs
     from jtkd import checkpoint, finetune, train
     from jtkd.loop import ArraySource, EvalSource, _info, setup_logging
 
@@ -254,7 +261,9 @@ def run(job: FinetuneJob) -> dict[str, Any]:
         )
     variables = finetune.initial_variables(ft, num_classes, state_dict)
     del state_dict
-    evaluator = finetune.Evaluator(ft.model, num_classes, mesh, ft.eval_batch_size, ft.compute_dtype)
+    evaluator = finetune.Evaluator(
+        ft.model, num_classes, mesh, ft.eval_batch_size, ft.compute_dtype, implied_kwargs(ft.model, variables)
+    )
     tuner = finetune.Finetuner(ft, variables, num_classes, mesh, evaluator)
     n_train, n_total = _count(tuner, variables)
     _info(f"{ft.model} mode={ft.mode}: {n_train:,} of {n_total:,} parameters train, bn={ft.bn_mode}, dtype={ft.dtype}")

@@ -541,13 +541,17 @@ def distill_loss(
 
 
 # ----------------------------------------------------------------------------------------- teachers
-def load_teacher(spec: str, num_classes: int | None = None, **model_kw: Any) -> tuple[nn.Module, dict]:
+def load_teacher(
+    spec: str, num_classes: int | None = None, image_size: int | None = None, **model_kw: Any
+) -> tuple[nn.Module, dict]:
     """A frozen teacher from 'NAME:PATH' or 'NAME'.
 
     PATH: a torch checkpoint (.pth/.pt/.bin/.safetensors, loaded weights_only and converted strictly)
     or a directory written by `jtkd.checkpoint.save_variables`. 'NAME' alone downloads torchvision's
     DEFAULT weights (needs internet; offline it fails with a message saying to pass a checkpoint).
     `num_classes`, if given, must match the teacher's classifier: logit distillation needs one label space.
+    `image_size`, if given, is the input size it will see (a ViT's positional embeddings are resampled
+    for it); the module is built with the builder kwargs the weights imply (ViT image_size, ...).
     """
     from converters import torchvision as tv
 
@@ -561,26 +565,17 @@ def load_teacher(spec: str, num_classes: int | None = None, **model_kw: Any) -> 
         variables = checkpoint.load_variables(path)
     else:
         variables = tv.convert(name, tv.load_checkpoint(path))
-    classes = head_classes(name, variables)
+    classes = models.num_classes(name, variables)
     if num_classes is not None and classes and classes != num_classes:
         raise ValueError(
             f"teacher {spec!r} predicts {classes} classes but the data has {num_classes}; logit distillation needs "
             "the same classes (fine-tune the teacher on this data first, or use a feature method)"
         )
-    return models.create(name, num_classes=classes, **model_kw), variables
+    if image_size is not None:
+        variables = models.at_size(name, variables, image_size)
+    return models.create(name, num_classes=classes, **{**tv.implied_kwargs(name, variables), **model_kw}), variables
 
 
-def head_classes(name: str, variables: Mapping[str, Any]) -> int:
-    """The number of outputs of a converted model's classifier (0 if it has none)."""
-    from converters import torchvision as tv
-
-    node: Any = variables["params"]
-    for part in tv.flax_path(models.get_spec(name).head + ".weight")[:-1]:
-        if not isinstance(node, Mapping) or part not in node:
-            return 0
-        node = node[part]
-    leaf = node.get("bias", node.get("kernel")) if isinstance(node, Mapping) else None
-    return int(np.shape(leaf)[-1]) if leaf is not None else 0
 
 
 def teacher_outputs(

@@ -91,7 +91,7 @@ def initial_variables(cfg: FinetuneConfig, num_classes: int, state_dict: Mapping
     cfg.validate()
     key = jax.random.key(cfg.seed)
     if cfg.mode == "scratch":
-        return models.init(models.create(cfg.model, num_classes=num_classes), key, cfg.image_size)
+        return models.init(cfg.model, key, cfg.image_size, num_classes=num_classes)
     if state_dict is None:
         raise ValueError(
             f"mode={cfg.mode!r} fine-tunes pretrained weights: pass a torch state_dict (or use mode='scratch')"
@@ -99,6 +99,7 @@ def initial_variables(cfg: FinetuneConfig, num_classes: int, state_dict: Mapping
     from converters.torchvision import convert
 
     variables = convert(cfg.model, state_dict, head="reinit", num_classes=num_classes, rng=key)
+    variables = models.at_size(cfg.model, variables, cfg.image_size)  # ViT: embeddings resampled for image_size
     if cfg.head_init == "zero":
         variables = zero_head(cfg.model, variables)
     return variables
@@ -175,17 +176,22 @@ def finetune_loss(
 
 # ------------------------------------------------------------------------------ linear probe
 class Head(nn.Module):
-    """The model's classifier on its own: params {head_name: {'kernel', 'bias'}}, as in the model."""
+    """The model's classifier on its own, at its module path `names` in the model: params
+    {'fc': {'kernel', 'bias'}} for ('fc',), {'heads': {'head': {...}}} for ViT's ('heads', 'head')."""
 
     num_classes: int
-    head_name: str
+    names: tuple[str, ...]
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return layers.Linear(self.num_classes, dtype=self.dtype, name=self.head_name)(x.astype(self.dtype)).astype(
+        if len(self.names) > 1:
+            return Head(self.num_classes, self.names[1:], self.dtype, name=self.names[0])(x)
+        return layers.Linear(self.num_classes, dtype=self.dtype, name=self.names[0])(x.astype(self.dtype)).astype(
             jnp.float32
         )
+
+
 
 
 def split_head(model: str, variables: dict) -> tuple[dict, dict]:
@@ -208,19 +214,22 @@ def check_linear_head(model: str, variables: dict) -> None:
             f"{model}: the classifier is more than one Linear layer after the pooled features; "
             "use --no-precompute_features"
         )
-    ((name, p),) = head.items()
-    if set(p) != {"kernel", "bias"} or np.ndim(p["kernel"]) != 2:
-        raise ValueError(f"{model}: head {name!r} is not a Linear layer; use --no-precompute_features")
+    path, p = models.get_spec(model).head_path, head
+    for name in path:  # nothing beside the Linear layer on its way (ViT's heads.pre_logits)
+        p = p[name] if isinstance(p, Mapping) and set(p) == {name} else {}
+    if not isinstance(p, Mapping) or set(p) != {"kernel", "bias"} or np.ndim(p["kernel"]) != 2:
+        raise ValueError(f"{model}: head {'.'.join(path)!r} is not a Linear layer; use --no-precompute_features")
 
 
 class FeatureExtractor:
     """Backbone (num_classes=0, train=False) outputs for every example, compiled once per instance."""
 
     def __init__(
-        self, model: str, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32, progress: bool = True
+        self, model: str, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32, progress: bool = True,
+        model_kw: Mapping[str, Any] | None = None,
     ) -> None:
         self.model, self.mesh, self.batch_size, self.progress = model, mesh, batch_size, progress
-        module = models.create(model, num_classes=0, dtype=dtype)
+        module = models.create(model, num_classes=0, dtype=dtype, **(model_kw or {}))
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
         self._fwd = jax.jit(lambda v, x: module.apply(v, x, train=False), out_shardings=rows)
 
@@ -258,7 +267,11 @@ def extract_features(
     desc: str = "features",
 ) -> dict[str, np.ndarray]:
     """One-off `FeatureExtractor(model, mesh, ...)(variables, data)`."""
-    return FeatureExtractor(model, mesh, batch_size, dtype)(variables, data, desc)
+    from converters.torchvision import implied_kwargs
+
+    return FeatureExtractor(model, mesh, batch_size, dtype, model_kw=implied_kwargs(model, variables))(
+        variables, data, desc
+    )
 
 
 # ---------------------------------------------------------------------------------- Finetuner
@@ -273,14 +286,17 @@ class Finetuner:
         self, cfg: FinetuneConfig, template: dict, num_classes: int, mesh: Any, evaluator: Evaluator | None = None
     ) -> None:
         cfg.validate()
+        from converters.torchvision import implied_kwargs
+
         self.cfg, self.num_classes, self.mesh = cfg, num_classes, mesh
+        model_kw = implied_kwargs(cfg.model, template)  # e.g. ViT's image_size, MNASNet's legacy stem
         self.probe = cfg.mode == "linear" and cfg.precompute_features
         dtype = cfg.compute_dtype
         stages = cfg.stages or None
         if self.probe:
             check_linear_head(cfg.model, template)
             _, head = split_head(cfg.model, template)
-            self.module: nn.Module = Head(num_classes, next(iter(head)), dtype=dtype)
+            self.module: nn.Module = Head(num_classes, models.get_spec(cfg.model).head_path, dtype=dtype)
             params = head
             self.trainable = None
             frozen: frozenset[str] = frozenset()
@@ -292,7 +308,9 @@ class Finetuner:
             # parameters unchanged (frozen) so the exported checkpoint keeps them.
             aux = models.aux_heads(cfg.model, params)
             no_aux = {"aux_logits": False} if aux else {}
-            self.module = models.create(cfg.model, num_classes=num_classes, dtype=dtype, axis_name=train.AXIS, **no_aux)
+            self.module = models.create(
+                cfg.model, num_classes=num_classes, dtype=dtype, axis_name=train.AXIS, **{**model_kw, **no_aux}
+            )
             self.trainable = optim.trainable_mask(
                 params, cfg.mode, freeze_stages=cfg.freeze_stages, model=cfg.model, stages=stages
             )
@@ -321,7 +339,9 @@ class Finetuner:
         self.trainer = Trainer(mesh, loss, classification_eval(input_key), config=cfg.loop, schedule=self.schedule)
         self._apply = self.module.apply  # one bound method object: part of the jit cache key
         self.features = (
-            FeatureExtractor(cfg.model, mesh, cfg.eval_batch_size, dtype, cfg.loop.progress) if self.probe else None
+            FeatureExtractor(cfg.model, mesh, cfg.eval_batch_size, dtype, cfg.loop.progress, model_kw)
+            if self.probe
+            else None
         )
         # a shared full-model evaluator saves compiling one eval step per mode (not for cached features)
         self.evaluator = None if self.probe else evaluator
@@ -386,10 +406,11 @@ class Evaluator:
     """Accuracy/loss of full-model variables on a split; compiled once per (model, classes, dtype)."""
 
     def __init__(
-        self, model: str, num_classes: int, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32
+        self, model: str, num_classes: int, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32,
+        model_kw: Mapping[str, Any] | None = None,
     ) -> None:
         self.model, self.mesh, self.batch_size = model, mesh, batch_size
-        self.module = models.create(model, num_classes=num_classes, dtype=dtype)
+        self.module = models.create(model, num_classes=num_classes, dtype=dtype, **(model_kw or {}))
         self._apply = self.module.apply
         self._step = train.make_eval_step(mesh, classification_eval())
 
@@ -428,5 +449,7 @@ def evaluate_variables(
 ) -> dict[str, float]:
     """Accuracy/loss of full-model `variables` on `arrays` (every example counted once); compiles each call."""
     if num_classes is None:
-        num_classes = int(np.shape(variables["params"][optim.head_names(model, variables["params"])[0]]["bias"])[0])
-    return Evaluator(model, num_classes, mesh, batch_size)(variables, arrays)
+        num_classes = models.num_classes(model, variables)
+    from converters.torchvision import implied_kwargs
+
+    return Evaluator(model, num_classes, mesh, batch_size, model_kw=implied_kwargs(model, variables))(variables, arrays)

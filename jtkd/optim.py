@@ -201,10 +201,9 @@ def head_names(model: str | None, params: Mapping[str, Any] | None = None) -> li
     """Top-level names of the classifier: from the registry spec of `model` (e.g. ResNet 'fc')."""
     if model is None:
         return []
-    from converters.torchvision import flax_path
     from jtkd.models import get_spec
 
-    top = flax_path(get_spec(model).head + ".weight")[0]
+    top = get_spec(model).head_path[0]
     return [top] if params is None or top in params else []
 
 

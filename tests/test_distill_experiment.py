@@ -131,7 +131,7 @@ def test_googlenet_student_has_no_auxiliary_classifiers(tmp_path):
 
     torch.save(torchvision.models.googlenet(num_classes=5, aux_logits=True, init_weights=False).state_dict(),
                tmp_path / "g.pth")
-    module = exp.student_module("googlenet", 3)
+    module = exp.student_module("googlenet", 3, 32)
     assert module.aux_logits is False
     module = module.clone(axis_name=None)  # the train step's BatchNorm syncs over the mesh axis; not here
     for spec in ("googlenet", f"googlenet:{tmp_path / 'g.pth'}"):

@@ -13,7 +13,8 @@ from converters.torchvision import build_torch_model
 from jtkd import models
 from jtkd.finetune import FinetuneConfig
 
-# one model per family; vit_* take exactly their image_size, not a range, and are left out
+# one model per family; vit_* take multiples of their patch size at a matching image_size, not a range
+# (tests/test_weights_kwargs.py)
 FAMILIES = [
     "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
     "maxvit_t", "mnasnet0_5", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "shufflenet_v2_x0_5",

@@ -44,10 +44,39 @@ def create(name: str, num_classes: int = 1000, **kw: Any) -> nn.Module:
 
 
 def check_input_size(name: str, size: int) -> None:
-    """ValueError unless torchvision's model `name` accepts `size` x `size` inputs (its spec's min_size)."""
-    low = get_spec(name).min_size
-    if size < low:
-        raise ValueError(f"{name} needs inputs of at least {low} px (as in torchvision); image_size is {size}")
+    """ValueError unless torchvision's model `name` accepts `size` x `size` inputs (its spec's min_size
+    and size_multiple)."""
+    spec = get_spec(name)
+    if size < spec.min_size:
+        raise ValueError(f"{name} needs inputs of at least {spec.min_size} px (as in torchvision); image_size is {size}")
+    if size % spec.size_multiple:
+        raise ValueError(f"{name} takes inputs whose side is a multiple of {spec.size_multiple} px; image_size is {size}")
+
+
+def size_kwargs(name: str, size: int) -> dict[str, Any]:
+    """Builder kwargs for `size` x `size` inputs: ViT's image_size, nothing for models of any input size."""
+    spec = get_spec(name)
+    return {spec.size_kwarg: size} if spec.size_kwarg else {}
+
+
+def at_size(name: str, variables: Mapping[str, Any], size: int) -> Any:
+    """`variables` for `size` x `size` inputs: ViT's positional embeddings resampled as torchvision's
+    `interpolate_embeddings` does (the usual way to fine-tune at another resolution); any other model's
+    variables are returned as they are."""
+    check_input_size(name, size)
+    resize = get_spec(name).resize
+    return resize(variables, size) if resize is not None else variables
+
+
+def num_classes(name: str, variables: Mapping[str, Any]) -> int:
+    """The number of outputs of the classifier in `variables` (0 if it has none)."""
+    node: Any = variables["params"]
+    for part in get_spec(name).head_path:
+        if not isinstance(node, Mapping) or part not in node:
+            return 0
+        node = node[part]
+    leaf = node.get("bias", node.get("kernel")) if isinstance(node, Mapping) else None
+    return int(jnp.shape(leaf)[-1]) if leaf is not None else 0
 
 
 def has_aux(name: str) -> bool:
@@ -65,7 +94,7 @@ def init(name_or_module: str | nn.Module, rng: jax.Array, size: int | None = Non
     """Freshly initialised variables ({'params', 'batch_stats'}) for a model."""
     if isinstance(name_or_module, str):
         size = size or get_spec(name_or_module).input_size
-        name_or_module = create(name_or_module, **kw)
+        name_or_module = create(name_or_module, **{**size_kwargs(name_or_module, size), **kw})
     size = size or 224
     variables = name_or_module.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
@@ -96,6 +125,6 @@ def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = Fals
 
 
 __all__ = [
-    "ModelSpec", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "has_aux",
-    "init", "list_models", "shapes",
+    "ModelSpec", "at_size", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "has_aux",
+    "init", "list_models", "num_classes", "shapes", "size_kwargs",
 ]

@@ -28,6 +28,11 @@ class ModelSpec:
     aux_heads: tuple[str, ...] = ()  # auxiliary classifiers' output layers: num_classes outputs too
     input_size: int = 224  # torchvision's default evaluation size
     min_size: int = 1  # smallest input side torchvision's model accepts, train and eval (tests/test_min_size.py)
+    size_multiple: int = 1  # input sides must be multiples of this (ViT: the patch size)
+    # Models whose parameters fix the input size (ViT's positional embeddings): the builder kwarg that sets
+    # it, and (variables, size) -> the variables resized for `size` x `size` inputs
+    size_kwarg: str = ""
+    resize: Callable[[Mapping[str, Any], int], Mapping[str, Any]] | None = None
     # regex -> replacement applied to torch keys before mapping (legacy checkpoints torchvision's load hooks fix)
     key_fixups: tuple[tuple[str, str], ...] = ()
     # regexes of torch buffers that are recomputed in Flax (consumed on import, regenerated on export)
@@ -44,6 +49,22 @@ class ModelSpec:
     test_size: tuple[int, int] = (97, 131)
     atol: float = 1e-4
     slow: bool = False
+
+    @property
+    def head_path(self) -> tuple[str, ...]:
+        """The classifier's module path in the Flax params: ('fc',), ('classifier_1',), ('heads', 'head')."""
+        return flax_path(self.head + ".weight")[:-1]
+
+
+def flax_path(torch_key: str) -> tuple[str, ...]:
+    """`layer1.0.downsample.1.weight` -> ('layer1_0', 'downsample_1', 'weight'): numeric parts join the one before."""
+    out: list[str] = []
+    for part in torch_key.split("."):
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(part)
+    return tuple(out)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -8,12 +8,15 @@ parameters with torch's shapes and `out_proj` is a Linear. LayerNorm eps is 1e-6
 
 The positional embeddings are sized for `image_size` (default 224), which is therefore the only input
 size the model takes, as in torchvision; `interpolate_embeddings` resizes them for another image size
-exactly as torchvision's function of the same name. Legacy checkpoints' `mlp.linear_{1,2}` keys are
+(any multiple of the patch size) exactly as torchvision's function of the same name. The registry
+names both (`size_kwarg`, `resize`), so `models.at_size` and fine-tuning/distillation at another
+`image_size` resample a checkpoint's embeddings, and `models.init` sizes fresh ones. Legacy checkpoints' `mlp.linear_{1,2}` keys are
 renamed to `mlp.{0,3}` (torchvision's MLPBlock load hook).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -261,6 +264,10 @@ _CONFIGS = {  # patch_size, num_layers, num_heads, hidden_dim, mlp_dim
 }
 _SLOW = {"vit_l_16", "vit_l_32", "vit_h_14"}  # > 300M parameters
 
+
+def _resize(variables: Mapping[str, Any], size: int, patch_size: int) -> Any:
+    return interpolate_embeddings(size, patch_size, variables)
+
 for _name, (_p, _l, _h, _d, _m) in _CONFIGS.items():
     register(
         _name,
@@ -269,7 +276,12 @@ for _name, (_p, _l, _h, _d, _m) in _CONFIGS.items():
         kwargs=dict(patch_size=_p, num_layers=_l, num_heads=_h, hidden_dim=_d, mlp_dim=_m),
         key_fixups=((r"(\.mlp\.)linear_1\.", r"\g<1>0."), (r"(\.mlp\.)linear_2\.", r"\g<1>3.")),
         infer_kwargs=_infer_vit_kwargs,
-        min_size=224,
-        test_size=(224, 224),  # the positional embeddings fix the input size to image_size (224 by default)
+        # the positional embeddings fix the input size to image_size (224 by default): any multiple of the
+        # patch size, with the embeddings resized (models.at_size) for another one
+        min_size=_p,
+        size_multiple=_p,
+        size_kwarg="image_size",
+        resize=functools.partial(_resize, patch_size=_p),
+        test_size=(224, 224),
         slow=_name in _SLOW,
     )
