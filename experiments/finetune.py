@@ -7,6 +7,9 @@
     # your own torch checkpoint (.pth state_dict or .safetensors) and an image folder:
     python -m experiments.finetune --model resnet18 --checkpoint my_resnet18.pth \\
         --data folder:/data/pets/train --eval_data folder:/data/pets/val --mode full --optimizer adamw --lr 3e-4
+    # then full fine-tuning from that run's Flax variables, its trained classifier kept:
+    python -m experiments.finetune --model resnet18 --checkpoint runs/finetune/final --head_init keep \
+        --data folder:/data/pets/train --eval_data folder:/data/pets/val --mode full --workdir runs/ft2
     # offline smoke run on scikit-learn digits:
     python -m experiments.finetune --data digits --mode scratch --quick --workdir /tmp/ft
 

@@ -51,7 +51,9 @@ class FinetuneConfig:
     mode: Mode = "full"
     freeze_stages: int = 2  # partial: freeze this many leading stages
     stages: tuple[str, ...] = ()  # stage regexes over top-level module names (empty: the family default)
-    head_init: Literal["zero", "seeded"] = "zero"  # the new classifier: zeros, or the model's init from `seed`
+    # the classifier: new (zeros, or the model's init from `seed`), or the checkpoint's own (same classes:
+    # continuing a run, or full fine-tuning after a linear probe)
+    head_init: Literal["zero", "seeded", "keep"] = "zero"
     bn: BNMode = "auto"
     precompute_features: bool = True  # linear: train the head on cached backbone features
     label_smoothing: float = 0.0
@@ -96,9 +98,18 @@ def initial_variables(cfg: FinetuneConfig, num_classes: int, state_dict: Mapping
         raise ValueError(
             f"mode={cfg.mode!r} fine-tunes pretrained weights: pass a torch state_dict (or use mode='scratch')"
         )
-    from converters.torchvision import convert
+    from converters.torchvision import convert, model_kwargs
 
-    variables = convert(cfg.model, state_dict, head="reinit", num_classes=num_classes, rng=key)
+    if cfg.head_init == "keep":
+        have = model_kwargs(cfg.model, state_dict)["num_classes"]
+        if have != num_classes:
+            raise ValueError(
+                f"head_init='keep': the checkpoint's classifier has {have} outputs but the data has {num_classes} "
+                "classes; head_init 'zero' or 'seeded' gives a new classifier"
+            )
+        variables = convert(cfg.model, state_dict)
+    else:
+        variables = convert(cfg.model, state_dict, head="reinit", num_classes=num_classes, rng=key)
     variables = models.at_size(cfg.model, variables, cfg.image_size)  # ViT: embeddings resampled for image_size
     if cfg.head_init == "zero":
         variables = zero_head(cfg.model, variables)

@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -76,3 +78,31 @@ def test_finetune_cli_bad_input(tmp_path):
         finetune.main(
             ["--data", "digits", "--quick", "--checkpoint", str(tmp_path / "nope.pth"), "--workdir", str(tmp_path)]
         )
+
+
+def test_finetune_cli_from_a_runs_variables_keeps_the_head(tmp_path):
+    """Linear probe, then full fine-tuning from the probe's final/ (orbax variables) with the trained
+    head kept (--head_init keep): the second run starts exactly where the first ended."""
+    from converters.torchvision import to_torch
+    from experiments import finetune
+    from jtkd import checkpoint
+    from jtkd import finetune as ft_lib
+
+    pth = tmp_path / "in.pth"
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), pth)
+    common = ["--data", "digits", "--quick", "--digits_classes", "0,1,2"]
+    finetune.main([*common, "--checkpoint", str(pth), "--mode", "linear", "--workdir", str(tmp_path / "lp")])
+    probe = checkpoint.load_variables(tmp_path / "lp" / "final")
+    job = finetune.FinetuneJob(checkpoint=str(tmp_path / "lp" / "final"),
+                               finetune=ft_lib.FinetuneConfig(image_size=32, head_init="keep"))
+    start = ft_lib.initial_variables(job.finetune, 3, finetune._state_dict(job))
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(probe), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(start["params"]["fc"]["kernel"])).max() > 0  # the probe's head, not zeros
+    res = finetune.main([*common, "--checkpoint", str(tmp_path / "lp" / "final"), "--head_init", "keep",
+                         "--mode", "full", "--workdir", str(tmp_path / "ft")])
+    assert res["num_classes"] == 3 and res["steps"] == 3
+    with pytest.raises(ValueError, match="classifier has 3 outputs but the data has 10 classes"):
+        ft_lib.initial_variables(ft_lib.FinetuneConfig(image_size=32, head_init="keep"), 10, to_torch("resnet18", probe))
+    with pytest.raises(IsADirectoryError, match="load with jtkd.checkpoint.load_variables"):
+        load_checkpoint(tmp_path / "lp")
