@@ -26,8 +26,7 @@ from converters.torchvision import (
     load_checkpoint,
     model_kwargs,
 )
-from jtkd import checkpoint
-from jtkd.models import get_spec
+from jtkd import checkpoint, models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,9 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--weights", help="torchvision weights: DEFAULT or an enum member name (needs internet)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--probe-batch", type=int, default=2)
-    ap.add_argument("--probe-size", type=int, nargs=2, metavar=("H", "W"), help="default: the model's input size")
+    ap.add_argument("--probe-size", type=int, nargs=2, metavar=("H", "W"),
+                    help="default: the model's input size (a ViT's: the checkpoint's image_size)")
     args = ap.parse_args(argv)
-    spec = get_spec(args.name)
+    models.get_spec(args.name)  # unknown names: the list of supported ones
     try:
         sd = load_checkpoint(args.checkpoint) if args.checkpoint else download_weights(args.name, args.weights)
         t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save_variables(out / "variables", variables)
 
-    h, w = args.probe_size or (spec.input_size, spec.input_size)
+    h, w = args.probe_size or (models.input_size(args.name, model_kwargs(args.name, sd)),) * 2
     x = parity.probe_batch(args.probe_batch, h, w)
     model = parity.torch_model(args.name, sd)
     ref = parity.torch_logits(model, x)

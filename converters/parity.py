@@ -26,6 +26,7 @@ from converters.torchvision import (
     build_torch_model,
     convert,
     flax_path,
+    implied_kwargs,
     infer_num_classes,
     load_checkpoint,
     model_kwargs,
@@ -154,7 +155,7 @@ def forward_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **
     """Torch logits, Flax logits and, for every named Flax feature but 'pooled' (no module's output in
     every family), (max abs diff, max abs torch value) against the output of the torch module of that
     path: one eval forward pass on each side."""
-    module = models.create(name, **kw)
+    module = flax_module(name, variables, **kw)
     with jax.default_matmul_precision("highest"):
         logits, feats = jax.jit(lambda v, x: models.features(module, v, x))(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
     names = [k for k in feats if k != "pooled"]
@@ -170,8 +171,15 @@ def forward_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **
     return ref_logits, np.asarray(logits), out
 
 
+def flax_module(name: str, variables: Any, **kw: Any) -> Any:
+    """The Flax model that applies `variables`: num_classes and the builder kwargs their shapes imply
+    (ViT image_size, MNASNet legacy_stem, ...), overridden by `kw`."""
+    return models.create(name, **{"num_classes": models.num_classes(name, variables), **implied_kwargs(name, variables),
+                                  **kw})
+
+
 def flax_logits(name: str, variables: dict, x_nchw: np.ndarray, **kw: Any) -> np.ndarray:
-    module = models.create(name, **kw)
+    module = flax_module(name, variables, **kw)
     with jax.default_matmul_precision("highest"):
         fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
         return np.asarray(fn(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1))))
@@ -189,7 +197,7 @@ def layer_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, num_
     """Per-module max abs difference between torch activations (forward hooks) and Flax ones
     (`capture_intermediates`), matched by the mechanical key map, in torch execution order."""
     acts = torch_module_outputs(model, x_nchw)
-    module = models.create(name, num_classes=num_classes)
+    module = flax_module(name, variables, num_classes=num_classes)
     with jax.default_matmul_precision("highest"):
         _, state = module.apply(
             variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), train=False, capture_intermediates=True,
@@ -208,7 +216,7 @@ def layer_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, num_
     out: list[LayerDiff] = []
     for mod_name in acts:
         path = flax_path(mod_name + ".x")[:-1]
-        if path not in flat:
+        if path not in flat or not hasattr(flat[path], "shape"):  # ViT's heads return (pooled, logits) here
             continue
         ref, got = acts[mod_name], np.asarray(flat[path])
         if ref.ndim == 4 and got.ndim == 4:
@@ -325,7 +333,7 @@ def gradient_parity(name: str, model: Any, variables: dict, x_nchw: np.ndarray, 
     grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for k, p in ref.named_parameters()}
     want = convert(name, {k: grads.get(k, v.float()) for k, v in ref.state_dict().items()})["params"]
 
-    module = models.create(name, num_classes=num_classes)
+    module = flax_module(name, variables, num_classes=num_classes)
 
     def loss(params: Any, x: jax.Array) -> jax.Array:
         return jnp.sum(module.apply({**variables, "params": params}, x, train=False) * loss_weights)
@@ -469,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sd = model.state_dict()
     variables = convert(args.name, sd)
     k = infer_num_classes(spec, sd)
-    h, w = args.size or (spec.input_size, spec.input_size)
+    h, w = args.size or (models.input_size(args.name, model_kwargs(args.name, sd)),) * 2
     x = probe_batch(args.batch, h, w, seed=args.seed)
     logit_diff = float(np.abs(torch_logits(model, x) - flax_logits(args.name, variables, x, num_classes=k)).max())
     diffs = layer_diffs(args.name, model, variables, x, k)

@@ -1,8 +1,8 @@
 """Multi-task learning: one shared backbone, several named classification heads, weighted losses.
 
-    backbone = jtkd.models.create("resnet50", num_classes=0, axis_name="data")  # pooled features
-    model = MultiTaskModel(backbone, tasks=(("species", 37), ("pose", 4)))
-    variables = multitask_variables("resnet50", torch_state_dict, model.tasks, rng=key)
+    tasks = (("species", 37), ("pose", 4))
+    variables = multitask_variables("resnet50", torch_state_dict, tasks, rng=key)
+    model = multitask_model("resnet50", tasks, variables, axis_name="data")  # backbone: pooled features
     loss_fn = multitask_loss({"species": 1.0, "pose": 0.5})
     trainer = Trainer(mesh, loss_fn, multitask_eval(model.task_names), config=...)
 
@@ -62,24 +62,28 @@ def multitask_variables(
     head_init: str = "seeded",
     image_size: int | None = None,
 ) -> dict[str, Any]:
-    """Variables for MultiTaskModel(create(model, num_classes=0), tasks): the backbone from a torch
-    state_dict (its classifier dropped; None: random init), heads initialised ('seeded' | 'zero')."""
-    from converters.torchvision import convert
+    """Variables for `multitask_model(model, tasks, variables)`: the backbone from a torch state_dict
+    (its classifier and auxiliary classifiers dropped, a ViT's positional embeddings resampled for
+    `image_size`; None: random init), heads initialised ('seeded' | 'zero')."""
+    from converters.torchvision import convert, implied_kwargs
+    from jtkd.finetune import split_head
 
     if head_init not in ("seeded", "zero"):
         raise ValueError(f"head_init must be 'seeded' or 'zero', got {head_init!r}")
-    module = MultiTaskModel(models.create(model, num_classes=0), tuple(tasks))
     size = image_size or models.get_spec(model).input_size
+    no_aux = {"aux_logits": False} if models.has_aux(model) else {}  # heads read one pooled output
+    backbone_kw, converted = {**models.size_kwargs(model, size), **no_aux}, None
+    if state_dict is not None:
+        # num_classes=1 then drop the head: the backbone leaves are the model's minus its classifier
+        converted, _ = split_head(model, convert(model, state_dict, head="reinit", num_classes=1, rng=rng))
+        converted = models.at_size(model, converted, size)
+        backbone_kw = implied_kwargs(model, converted)  # e.g. MNASNet's version-1 stem
+    module = MultiTaskModel(models.create(model, num_classes=0, **backbone_kw), tuple(tasks))
     fresh = module.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     params = dict(fresh["params"])
     batch_stats = dict(fresh.get("batch_stats", {}))
-    if state_dict is not None:
-        # num_classes=1 then drop the head: the backbone leaves are the model's minus its classifier
-        converted = convert(model, state_dict, head="reinit", num_classes=1, rng=rng)
-        from jtkd.optim import head_names
-
-        head = set(head_names(model, converted["params"]))
-        params["backbone"] = {k: v for k, v in converted["params"].items() if k not in head}
+    if converted is not None:
+        params["backbone"] = converted["params"]
         batch_stats["backbone"] = converted["batch_stats"]
         if jax.tree.structure(params["backbone"]) != jax.tree.structure(fresh["params"]["backbone"]):
             raise ValueError(f"{model}: converted backbone does not match the num_classes=0 model")
@@ -87,6 +91,17 @@ def multitask_variables(
         for t, _ in tasks:
             params[f"head_{t}"] = jax.tree.map(jnp.zeros_like, params[f"head_{t}"])
     return {"params": params, "batch_stats": batch_stats}
+
+
+def multitask_model(
+    model: str, tasks: Sequence[tuple[str, int]], variables: Mapping[str, Any], **kw: Any
+) -> MultiTaskModel:
+    """The MultiTaskModel that applies `variables` (from `multitask_variables`): its backbone built with
+    the arguments their shapes imply (a ViT's image_size, ...); `kw` go to the backbone (axis_name, dtype)."""
+    from converters.torchvision import implied_kwargs
+
+    backbone_kw = implied_kwargs(model, {"params": variables["params"]["backbone"]})
+    return MultiTaskModel(models.create(model, num_classes=0, **{**backbone_kw, **kw}), tuple(tasks))
 
 
 def _task_ce(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> tuple[jax.Array, jax.Array, jax.Array]:

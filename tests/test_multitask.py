@@ -5,12 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 import torchvision
 from engine_helpers import Tiny, dataset
 
 from jtkd import models, train
 from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer
-from jtkd.multitask import MultiTaskModel, multitask_eval, multitask_loss, multitask_variables, stack_labels
+from jtkd.multitask import (
+    MultiTaskModel, multitask_eval, multitask_loss, multitask_model, multitask_variables, stack_labels,
+)
 
 TASKS = (("digit", 3), ("parity", 2))
 
@@ -103,3 +106,26 @@ def test_backbone_from_torchvision_weights():
     np.testing.assert_array_equal(np.asarray(feats), np.asarray(ref_feats))
     out = model.apply(v, x)
     assert not np.any(np.asarray(out["a"])) and out["b"].shape == (2, 2)  # zero-initialised heads
+
+
+@pytest.mark.parametrize("name,size", [("googlenet", 32), ("vit_b_32", 64)])
+def test_backbones_whose_weights_fix_builder_arguments(name, size):
+    """googlenet's torchvision weights carry auxiliary classifiers (before: 'converted backbone does
+    not match'); a ViT backbone at 64 px gets its embeddings resampled and a matching module."""
+    from converters.torchvision import convert
+
+    kw = {"aux_logits": True, "init_weights": True} if name == "googlenet" else {}
+    torch.manual_seed(0)
+    sd = getattr(torchvision.models, name)(num_classes=7, **kw).state_dict()
+    tasks = (("a", 4), ("b", 2))
+    v = multitask_variables(name, sd, tasks, rng=jax.random.key(1), image_size=size)
+    model = multitask_model(name, tasks, v)
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+    out, _ = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    assert out["a"].shape == (2, 4) and out["b"].shape == (2, 2)
+    ref = models.at_size(name, convert(name, sd), size)
+    ref_module = models.create(name, num_classes=0, **({"image_size": size} if name == "vit_b_32" else {}))
+    ref_params = {k: p for k, p in ref["params"].items() if k not in ("fc", "heads", "aux1", "aux2")}
+    want = ref_module.apply({"params": ref_params, "batch_stats": ref["batch_stats"]}, x)
+    got = model.apply(v, x, method=lambda m, x: m.backbone(x, train=False))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -140,3 +140,25 @@ def test_distillation_teachers_and_students_take_their_weights_arguments(tmp_pat
     assert vit_student.image_size == SIZE
     s_vars = exp.student_variables(f"vit_b_32:{tmp_path / 'vit.pth'}", 3, SIZE, seed=0)
     assert s_vars["params"]["encoder"]["pos_embedding"].shape == (1, 5, 768)
+
+
+def test_command_lines_check_a_checkpoint_at_its_own_size(tmp_path, capsys):
+    """`python -m converters` and `python -m converters.parity` on a ViT checkpoint whose image_size is
+    not 224 (torchvision's SWAG weights are 384-518 px) probe at that size, and build a version-1
+    MNASNet with its stem; before, both failed (torch's 'Wrong image height', a ScopeParamShapeError),
+    and the parity command's per-layer table failed on every ViT."""
+    import json
+
+    from converters.__main__ import main as convert_main
+
+    model = parity.torch_model("vit_b_32", num_classes=6, seed=2, image_size=SIZE)
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    assert convert_main(["vit_b_32", "--checkpoint", str(tmp_path / "vit.pth"), "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["probe_shape_nchw"] == [2, 3, SIZE, SIZE] and report["num_classes"] == 6
+    assert report["max_abs_logit_diff"] <= 1e-4 and report["argmax_equal"]
+    assert parity.main(["vit_b_32", "--checkpoint", str(tmp_path / "vit.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layers.encoder_layer_11" in out and "first diverging layer: none" in out
+    torch.save(_mnasnet_v1_state_dict(0.5, num_classes=7), tmp_path / "m.pth")
+    assert parity.main(["mnasnet0_5", "--checkpoint", str(tmp_path / "m.pth"), "--size", "45", "53"]) == 0

@@ -53,6 +53,13 @@ def check_input_size(name: str, size: int) -> None:
         raise ValueError(f"{name} takes inputs whose side is a multiple of {spec.size_multiple} px; image_size is {size}")
 
 
+def input_size(name: str, model_kw: Mapping[str, Any] | None = None) -> int:
+    """The evaluation input size of `name` built with `model_kw`: the size its kwargs fix (a ViT's
+    image_size, e.g. 384 or 518 for torchvision's SWAG weights), else torchvision's default."""
+    spec = get_spec(name)
+    return int((model_kw or {}).get(spec.size_kwarg) or spec.input_size) if spec.size_kwarg else spec.input_size
+
+
 def size_kwargs(name: str, size: int) -> dict[str, Any]:
     """Builder kwargs for `size` x `size` inputs: ViT's image_size, nothing for models of any input size."""
     spec = get_spec(name)
@@ -126,5 +133,5 @@ def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = Fals
 
 __all__ = [
     "ModelSpec", "at_size", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "has_aux",
-    "init", "list_models", "num_classes", "shapes", "size_kwargs",
+    "init", "input_size", "list_models", "num_classes", "shapes", "size_kwargs",
 ]
