@@ -70,7 +70,7 @@ class FinetuneJob:
     num_workers: int = 8  # image decoding/augmentation threads
     folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)  # bad files, empty classes
     export_torch: bool = True  # write final.pth
-    quick: bool = False  # tiny run (steps=3, 32px, small batches, few examples): for smoke tests
+    quick: bool = False  # tiny run (steps=3, 32 px or the model's smallest size, small batches, few examples)
     distributed: bool = False  # jax.distributed.initialize() (auto-detected cluster)
     coordinator: str = ""  # host:port of process 0 (explicit multi-host launch)
     num_processes: int = 1
@@ -87,10 +87,12 @@ class FinetuneJob:
             raise ValueError("--workdir is required")
 
     def quick_version(self) -> FinetuneJob:
+        from jtkd import models
+
         ft = self.finetune
         ft = dataclasses.replace(
             ft,
-            image_size=32,
+            image_size=models.smallest_size(ft.model, 32),  # 32 px, or the model's smallest above (inception: 75)
             batch_size=8,
             eval_batch_size=32,
             loop=dataclasses.replace(ft.loop, steps=3, log_every=1, eval_every=3, checkpoint_every=0, progress=False),

@@ -70,3 +70,15 @@ def test_inception_aux_head_below_299_px_is_named_and_finetuning_trains_without_
     assert models.aux_heads("inception_v3", variables["params"]) == ["AuxLogits"]
     assert sorted(models.aux_heads("googlenet", models.shapes("googlenet", 64)["params"])) == ["aux1", "aux2"]
     assert models.aux_heads("resnet18", models.shapes("resnet18", 32)["params"]) == []
+
+
+def test_quick_runs_pick_a_size_every_model_takes():
+    """--quick used 32 px for every model, below inception_v3's, alexnet's, maxvit_t's limits and not a
+    multiple of vit_h_14's patch; it now takes the smallest accepted size from 32 up."""
+    from experiments.finetune import FinetuneJob
+
+    want = {"resnet18": 32, "inception_v3": 75, "alexnet": 63, "maxvit_t": 221, "vit_h_14": 42, "vit_b_16": 32}
+    for name, size in want.items():
+        job = FinetuneJob(finetune=FinetuneConfig(model=name, workdir="w"), quick=True).quick_version()
+        assert job.finetune.image_size == size == models.smallest_size(name, 32), name
+        job.finetune.validate()

@@ -60,6 +60,13 @@ def input_size(name: str, model_kw: Mapping[str, Any] | None = None) -> int:
     return int((model_kw or {}).get(spec.size_kwarg) or spec.input_size) if spec.size_kwarg else spec.input_size
 
 
+def smallest_size(name: str, at_least: int = 1) -> int:
+    """The smallest input side >= `at_least` that `name` accepts (its min_size and size_multiple)."""
+    spec = get_spec(name)
+    size = max(at_least, spec.min_size)
+    return -(-size // spec.size_multiple) * spec.size_multiple
+
+
 def size_kwargs(name: str, size: int) -> dict[str, Any]:
     """Builder kwargs for `size` x `size` inputs: ViT's image_size, nothing for models of any input size."""
     spec = get_spec(name)
@@ -133,5 +140,5 @@ def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = Fals
 
 __all__ = [
     "ModelSpec", "at_size", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "has_aux",
-    "init", "input_size", "list_models", "num_classes", "shapes", "size_kwargs",
+    "init", "input_size", "list_models", "num_classes", "shapes", "size_kwargs", "smallest_size",
 ]
