@@ -111,6 +111,11 @@ def initial_variables(cfg: FinetuneConfig, num_classes: int, state_dict: Mapping
     else:
         variables = convert(cfg.model, state_dict, head="reinit", num_classes=num_classes, rng=key)
     variables = models.at_size(cfg.model, variables, cfg.image_size)  # ViT: embeddings resampled for image_size
+    was = models.input_size(cfg.model, model_kwargs(cfg.model, state_dict))
+    if models.get_spec(cfg.model).size_kwarg and was != cfg.image_size:
+        from jtkd.loop import _info
+
+        _info(f"{cfg.model}: the checkpoint's positional embeddings resampled from {was} to {cfg.image_size} px")
     if cfg.head_init == "zero":
         variables = zero_head(cfg.model, variables)
     return variables
