@@ -103,6 +103,7 @@ def test_finetune_cli_from_a_runs_variables_keeps_the_head(tmp_path):
                          "--mode", "full", "--workdir", str(tmp_path / "ft")])
     assert res["num_classes"] == 3 and res["steps"] == 3
     with pytest.raises(ValueError, match="classifier has 3 outputs but the data has 10 classes"):
-        ft_lib.initial_variables(ft_lib.FinetuneConfig(image_size=32, head_init="keep"), 10, to_torch("resnet18", probe))
+        keep = ft_lib.FinetuneConfig(image_size=32, head_init="keep")
+        ft_lib.initial_variables(keep, 10, to_torch("resnet18", probe))
     with pytest.raises(IsADirectoryError, match="load with jtkd.checkpoint.load_variables"):
         load_checkpoint(tmp_path / "lp")

@@ -48,9 +48,13 @@ def check_input_size(name: str, size: int) -> None:
     and size_multiple)."""
     spec = get_spec(name)
     if size < spec.min_size:
-        raise ValueError(f"{name} needs inputs of at least {spec.min_size} px (as in torchvision); image_size is {size}")
+        raise ValueError(
+            f"{name} needs inputs of at least {spec.min_size} px (as in torchvision); image_size is {size}"
+        )
     if size % spec.size_multiple:
-        raise ValueError(f"{name} takes inputs whose side is a multiple of {spec.size_multiple} px; image_size is {size}")
+        raise ValueError(
+            f"{name} takes inputs whose side is a multiple of {spec.size_multiple} px; image_size is {size}"
+        )
 
 
 def input_size(name: str, model_kw: Mapping[str, Any] | None = None) -> int:
@@ -139,6 +143,6 @@ def features(model: nn.Module, variables: dict, x: jax.Array, train: bool = Fals
 
 
 __all__ = [
-    "ModelSpec", "at_size", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec", "has_aux",
-    "init", "input_size", "list_models", "num_classes", "shapes", "size_kwargs", "smallest_size",
+    "ModelSpec", "at_size", "aux_heads", "check_input_size", "collect_features", "create", "features", "get_spec",
+    "has_aux", "init", "input_size", "list_models", "num_classes", "shapes", "size_kwargs", "smallest_size",
 ]

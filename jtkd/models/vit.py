@@ -10,8 +10,9 @@ The positional embeddings are sized for `image_size` (default 224), which is the
 size the model takes, as in torchvision; `interpolate_embeddings` resizes them for another image size
 (any multiple of the patch size) exactly as torchvision's function of the same name. The registry
 names both (`size_kwarg`, `resize`), so `models.at_size` and fine-tuning/distillation at another
-`image_size` resample a checkpoint's embeddings, and `models.init` sizes fresh ones. Legacy checkpoints' `mlp.linear_{1,2}` keys are
-renamed to `mlp.{0,3}` (torchvision's MLPBlock load hook).
+`image_size` resample a checkpoint's embeddings, and `models.init` sizes fresh ones.
+
+Legacy checkpoints' `mlp.linear_{1,2}` keys are renamed to `mlp.{0,3}` (torchvision's MLPBlock load hook).
 """
 
 from __future__ import annotations
