@@ -25,8 +25,8 @@ from converters.torchvision import (
     _fix_keys,
     build_torch_model,
     convert,
+    flax_module,
     flax_path,
-    implied_kwargs,
     infer_num_classes,
     load_checkpoint,
     model_kwargs,
@@ -169,13 +169,6 @@ def forward_diffs(name: str, model: Any, variables: dict, x_nchw: np.ndarray, **
             raise AssertionError(f"{name}: feature {k!r} has shape {got.shape}, torch module output {want.shape}")
         out[k] = (float(np.abs(got - want).max()), float(np.abs(want).max()))
     return ref_logits, np.asarray(logits), out
-
-
-def flax_module(name: str, variables: Any, **kw: Any) -> Any:
-    """The Flax model that applies `variables`: num_classes and the builder kwargs their shapes imply
-    (ViT image_size, MNASNet legacy_stem, ...), overridden by `kw`."""
-    return models.create(name, **{"num_classes": models.num_classes(name, variables), **implied_kwargs(name, variables),
-                                  **kw})
 
 
 def flax_logits(name: str, variables: dict, x_nchw: np.ndarray, **kw: Any) -> np.ndarray:

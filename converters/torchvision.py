@@ -369,6 +369,15 @@ def implied_kwargs(name: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     return _implied(get_spec(name), _flat({"params": variables.get("params", {})}))
 
 
+def flax_module(name: str, variables: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+    """The Flax module that applies `variables`: built with their num_classes and the builder kwargs their
+    shapes imply (ViT image_size, MNASNet legacy_stem, ...), overridden by `kw` (dtype, axis_name;
+    num_classes=0 for the backbone alone). variables=None: the builder's defaults."""
+    implied = {} if variables is None else {"num_classes": models.num_classes(name, variables),
+                                            **implied_kwargs(name, variables)}
+    return models.create(name, **{**implied, **kw})
+
+
 def to_torch(name: str, variables: Mapping[str, Any], **model_kw: Any) -> dict[str, Any]:
     """A torch state_dict for torchvision model `name` from Flax variables; loads with strict=True.
 

@@ -61,7 +61,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,45 +224,58 @@ class MixedSource:
 
 
 # --------------------------------------------------------------------------------------- models
-def _student_kw(name: str, width: int) -> dict[str, Any]:
-    # no auxiliary classifiers (googlenet, inception_v3): the losses read one output per teacher
-    return {**({"width": width} if width else {}), **({"aux_logits": False} if models.has_aux(name) else {})}
+@dataclasses.dataclass(frozen=True)
+class Student:
+    """A --student NAME[:CKPT] for `num_classes` at `image_size`, its checkpoint read once: it gives the
+    module's builder kwargs (e.g. MNASNet's version-1 stem) and every seed's start."""
 
+    name: str
+    num_classes: int
+    image_size: int
+    width: int = 0
+    state_dict: Mapping[str, Any] | None = None
 
-def student_module(spec: str, num_classes: int, image_size: int, width: int = 0) -> Any:
-    """The student for data-parallel training (BatchNorm statistics synchronised over the mesh), built
-    for `image_size` inputs and, from NAME:CKPT, with the builder kwargs the checkpoint implies."""
-    name, _, path = spec.partition(":")
-    kw = {**_checkpoint_kw(name, path), **models.size_kwargs(name, image_size), **_student_kw(name, width)}
-    return models.create(name, num_classes=num_classes, axis_name=train.AXIS, **kw)
+    @classmethod
+    def load(cls, spec: str, num_classes: int, image_size: int, width: int = 0) -> Student:
+        name, _, path = spec.partition(":")
+        models.get_spec(name)  # unknown names fail here, listing the supported ones
+        if not path:
+            return cls(name, num_classes, image_size, width)
+        if width:
+            raise ValueError("--student_width builds a non-torchvision width: it has no checkpoint to load")
+        from converters import torchvision as tv
 
+        return cls(name, num_classes, image_size, width, tv.load_checkpoint(path))
 
-def _checkpoint_kw(name: str, path: str) -> dict[str, Any]:
-    if not path:
-        return {}
-    from converters import torchvision as tv
+    def _kw(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if self.state_dict is not None:
+            from converters import torchvision as tv
 
-    kw = tv.model_kwargs(name, tv.load_checkpoint(path))  # e.g. MNASNet's legacy stem
-    kw.pop("num_classes")
-    return kw
+            kw = tv.model_kwargs(self.name, self.state_dict)
+            kw.pop("num_classes")
+        # no auxiliary classifiers (googlenet, inception_v3): the losses read one output per teacher
+        aux = {"aux_logits": False} if models.has_aux(self.name) else {}
+        width = {"width": self.width} if self.width else {}
+        return {**kw, **models.size_kwargs(self.name, self.image_size), **aux, **width}
 
+    def module(self) -> Any:
+        """The student for data-parallel training (BatchNorm statistics synchronised over the mesh)."""
+        return models.create(self.name, num_classes=self.num_classes, axis_name=train.AXIS, **self._kw())
 
-def student_variables(spec: str, num_classes: int, image_size: int, seed: int, width: int = 0) -> dict:
-    """NAME: a random init from `seed`; NAME:CKPT: torch weights converted, with a new `num_classes` head
-    (a checkpoint's auxiliary classifiers are left out, as the student has none; a ViT's positional
-    embeddings are resampled for `image_size`)."""
-    name, _, path = spec.partition(":")
-    if not path:
-        kw = {**models.size_kwargs(name, image_size), **_student_kw(name, width)}
-        return models.init(models.create(name, num_classes=num_classes, **kw), jax.random.key(seed), image_size)
-    if width:
-        raise ValueError("--student_width builds a non-torchvision width: it has no checkpoint to load")
-    from converters import torchvision as tv
+    def variables(self, seed: int) -> dict:
+        """A random init from `seed`, or the checkpoint converted with a new head from `seed` (its auxiliary
+        classifiers left out, as the student has none; a ViT's positional embeddings resampled)."""
+        if self.state_dict is None:
+            module = models.create(self.name, num_classes=self.num_classes, **self._kw())
+            return models.init(module, jax.random.key(seed), self.image_size)
+        from converters import torchvision as tv
 
-    v = tv.convert(name, tv.load_checkpoint(path), head="reinit", num_classes=num_classes, rng=jax.random.key(seed))
-    v = models.at_size(name, v, image_size)
-    aux = models.aux_heads(name, v["params"])
-    return {c: {k: x for k, x in tree.items() if k not in aux} for c, tree in v.items()}
+        v = tv.convert(self.name, self.state_dict, head="reinit", num_classes=self.num_classes,
+                       rng=jax.random.key(seed))
+        v = models.at_size(self.name, v, self.image_size)
+        aux = models.aux_heads(self.name, v["params"])
+        return {c: {k: x for k, x in tree.items() if k not in aux} for c, tree in v.items()}
 
 
 def evaluate_model(module: Any, variables: Any, split: Split, batch_size: int = 256) -> float:
@@ -321,8 +334,8 @@ class Distiller:
         self.train_split, self.transfer = self._with_teacher(train_split), self._with_teacher(transfer)
         n_train = (self.transfer or self.train_split).n if stream is None else len(stream)
         self.steps_per_epoch = max(1, math.floor(n_train / cfg.batch_size))
-        student = student_module(cfg.student, self.num_classes, cfg.image_size, cfg.student_width)
-        self.student = distill.build_student(student, self.objective, t_mods, t_vars, cfg.image_size)
+        self.student_spec = Student.load(cfg.student, self.num_classes, cfg.image_size, cfg.student_width)
+        self.student = distill.build_student(self.student_spec.module(), self.objective, t_mods, t_vars, cfg.image_size)
         self.schedule = optim.make_schedule(cfg.optim, cfg.loop.steps)
         loss_fn = distill.distill_loss(self.objective, t_mods, steps_per_epoch=self.steps_per_epoch)
         self.trainer = Trainer(self.mesh, loss_fn, classification_eval(), config=cfg.loop, schedule=self.schedule)
@@ -359,7 +372,7 @@ class Distiller:
         cfg = self.cfg
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        s_vars = student_variables(cfg.student, self.num_classes, cfg.image_size, seed, cfg.student_width)
+        s_vars = self.student_spec.variables(seed)
         variables = distill.init_student(self.student, s_vars, cfg.image_size, jax.random.key(seed + 1))
         tx = optim.make_optimizer(cfg.optim, variables["params"], total_steps=cfg.loop.steps)
         state = train.TrainState.create(self.student.apply, variables, tx, seed=seed)
@@ -389,8 +402,7 @@ class Distiller:
         if cfg.export_student and not cfg.student_width:
             from converters.torchvision import to_torch
 
-            name = cfg.student.partition(":")[0]
-            sd = to_torch(name, jax.device_get(distill.student_variables(state)))
+            sd = to_torch(self.student_spec.name, jax.device_get(distill.student_variables(state)))
             torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()}, workdir / "student.pth")
         return result
 

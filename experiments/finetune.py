@@ -241,7 +241,6 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     elif job.distributed:
         jax.distributed.initialize()
 
-    from converters.torchvision import implied_kwargs
     from jtkd import checkpoint, finetune, train
     from jtkd.loop import ArraySource, EvalSource, _info, setup_logging
 
@@ -266,9 +265,7 @@ def run(job: FinetuneJob) -> dict[str, Any]:
         )
     variables = finetune.initial_variables(ft, num_classes, state_dict)
     del state_dict
-    evaluator = finetune.Evaluator(
-        ft.model, num_classes, mesh, ft.eval_batch_size, ft.compute_dtype, implied_kwargs(ft.model, variables)
-    )
+    evaluator = finetune.Evaluator(ft.model, num_classes, mesh, ft.eval_batch_size, ft.compute_dtype, variables)
     tuner = finetune.Finetuner(ft, variables, num_classes, mesh, evaluator)
     n_train, n_total = _count(tuner, variables)
     _info(f"{ft.model} mode={ft.mode}: {n_train:,} of {n_total:,} parameters train, bn={ft.bn_mode}, dtype={ft.dtype}")

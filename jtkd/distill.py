@@ -573,7 +573,7 @@ def load_teacher(
         )
     if image_size is not None:
         variables = models.at_size(name, variables, image_size)
-    return models.create(name, num_classes=classes, **{**tv.implied_kwargs(name, variables), **model_kw}), variables
+    return tv.flax_module(name, variables, **model_kw), variables
 
 
 

@@ -98,24 +98,23 @@ def initial_variables(cfg: FinetuneConfig, num_classes: int, state_dict: Mapping
         raise ValueError(
             f"mode={cfg.mode!r} fine-tunes pretrained weights: pass a torch state_dict (or use mode='scratch')"
         )
-    from converters.torchvision import convert, model_kwargs
+    from converters.torchvision import convert, implied_kwargs
 
     if cfg.head_init == "keep":
-        have = model_kwargs(cfg.model, state_dict)["num_classes"]
-        if have != num_classes:
+        variables = convert(cfg.model, state_dict)
+        if (have := models.num_classes(cfg.model, variables)) != num_classes:
             raise ValueError(
                 f"head_init='keep': the checkpoint's classifier has {have} outputs but the data has {num_classes} "
                 "classes; head_init 'zero' or 'seeded' gives a new classifier"
             )
-        variables = convert(cfg.model, state_dict)
     else:
         variables = convert(cfg.model, state_dict, head="reinit", num_classes=num_classes, rng=key)
-    variables = models.at_size(cfg.model, variables, cfg.image_size)  # ViT: embeddings resampled for image_size
-    was = models.input_size(cfg.model, model_kwargs(cfg.model, state_dict))
-    if models.get_spec(cfg.model).size_kwarg and was != cfg.image_size:
-        from jtkd.loop import _info
+    if models.get_spec(cfg.model).size_kwarg:  # ViT: embeddings resampled for image_size
+        if (was := models.input_size(cfg.model, implied_kwargs(cfg.model, variables))) != cfg.image_size:
+            from jtkd.loop import _info
 
-        _info(f"{cfg.model}: the checkpoint's positional embeddings resampled from {was} to {cfg.image_size} px")
+            _info(f"{cfg.model}: the checkpoint's positional embeddings resampled from {was} to {cfg.image_size} px")
+        variables = models.at_size(cfg.model, variables, cfg.image_size)
     if cfg.head_init == "zero":
         variables = zero_head(cfg.model, variables)
     return variables
@@ -242,10 +241,13 @@ class FeatureExtractor:
 
     def __init__(
         self, model: str, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32, progress: bool = True,
-        model_kw: Mapping[str, Any] | None = None,
+        template: Mapping[str, Any] | None = None,
     ) -> None:
+        from converters.torchvision import flax_module
+
         self.model, self.mesh, self.batch_size, self.progress = model, mesh, batch_size, progress
-        module = models.create(model, num_classes=0, dtype=dtype, **(model_kw or {}))
+        # template: variables whose shapes fix the builder kwargs (a ViT's image_size, MNASNet's stem)
+        module = flax_module(model, template, num_classes=0, dtype=dtype)
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
         self._fwd = jax.jit(lambda v, x: module.apply(v, x, train=False), out_shardings=rows)
 
@@ -283,11 +285,7 @@ def extract_features(
     desc: str = "features",
 ) -> dict[str, np.ndarray]:
     """One-off `FeatureExtractor(model, mesh, ...)(variables, data)`."""
-    from converters.torchvision import implied_kwargs
-
-    return FeatureExtractor(model, mesh, batch_size, dtype, model_kw=implied_kwargs(model, variables))(
-        variables, data, desc
-    )
+    return FeatureExtractor(model, mesh, batch_size, dtype, template=variables)(variables, data, desc)
 
 
 # ---------------------------------------------------------------------------------- Finetuner
@@ -302,10 +300,9 @@ class Finetuner:
         self, cfg: FinetuneConfig, template: dict, num_classes: int, mesh: Any, evaluator: Evaluator | None = None
     ) -> None:
         cfg.validate()
-        from converters.torchvision import implied_kwargs
+        from converters.torchvision import flax_module
 
         self.cfg, self.num_classes, self.mesh = cfg, num_classes, mesh
-        model_kw = implied_kwargs(cfg.model, template)  # e.g. ViT's image_size, MNASNet's legacy stem
         self.probe = cfg.mode == "linear" and cfg.precompute_features
         dtype = cfg.compute_dtype
         stages = cfg.stages or None
@@ -324,8 +321,8 @@ class Finetuner:
             # parameters unchanged (frozen) so the exported checkpoint keeps them.
             aux = models.aux_heads(cfg.model, params)
             no_aux = {"aux_logits": False} if aux else {}
-            self.module = models.create(
-                cfg.model, num_classes=num_classes, dtype=dtype, axis_name=train.AXIS, **{**model_kw, **no_aux}
+            self.module = flax_module(
+                cfg.model, template, num_classes=num_classes, dtype=dtype, axis_name=train.AXIS, **no_aux
             )
             self.trainable = optim.trainable_mask(
                 params, cfg.mode, freeze_stages=cfg.freeze_stages, model=cfg.model, stages=stages
@@ -355,7 +352,7 @@ class Finetuner:
         self.trainer = Trainer(mesh, loss, classification_eval(input_key), config=cfg.loop, schedule=self.schedule)
         self._apply = self.module.apply  # one bound method object: part of the jit cache key
         self.features = (
-            FeatureExtractor(cfg.model, mesh, cfg.eval_batch_size, dtype, cfg.loop.progress, model_kw)
+            FeatureExtractor(cfg.model, mesh, cfg.eval_batch_size, dtype, cfg.loop.progress, template)
             if self.probe
             else None
         )
@@ -423,10 +420,13 @@ class Evaluator:
 
     def __init__(
         self, model: str, num_classes: int, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32,
-        model_kw: Mapping[str, Any] | None = None,
+        template: Mapping[str, Any] | None = None,
     ) -> None:
+        from converters.torchvision import flax_module
+
         self.model, self.mesh, self.batch_size = model, mesh, batch_size
-        self.module = models.create(model, num_classes=num_classes, dtype=dtype, **(model_kw or {}))
+        # template: variables whose shapes fix the builder kwargs (a ViT's image_size, MNASNet's stem)
+        self.module = flax_module(model, template, num_classes=num_classes, dtype=dtype)
         self._apply = self.module.apply
         self._step = train.make_eval_step(mesh, classification_eval())
 
@@ -466,6 +466,4 @@ def evaluate_variables(
     """Accuracy/loss of full-model `variables` on `arrays` (every example counted once); compiles each call."""
     if num_classes is None:
         num_classes = models.num_classes(model, variables)
-    from converters.torchvision import implied_kwargs
-
-    return Evaluator(model, num_classes, mesh, batch_size, model_kw=implied_kwargs(model, variables))(variables, arrays)
+    return Evaluator(model, num_classes, mesh, batch_size, template=variables)(variables, arrays)

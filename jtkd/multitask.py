@@ -98,10 +98,10 @@ def multitask_model(
 ) -> MultiTaskModel:
     """The MultiTaskModel that applies `variables` (from `multitask_variables`): its backbone built with
     the arguments their shapes imply (a ViT's image_size, ...); `kw` go to the backbone (axis_name, dtype)."""
-    from converters.torchvision import implied_kwargs
+    from converters.torchvision import flax_module
 
-    backbone_kw = implied_kwargs(model, {"params": variables["params"]["backbone"]})
-    return MultiTaskModel(models.create(model, num_classes=0, **{**backbone_kw, **kw}), tuple(tasks))
+    backbone = flax_module(model, {"params": variables["params"]["backbone"]}, num_classes=0, **kw)
+    return MultiTaskModel(backbone, tuple(tasks))
 
 
 def _task_ce(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> tuple[jax.Array, jax.Array, jax.Array]:

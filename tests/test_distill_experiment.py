@@ -131,12 +131,22 @@ def test_googlenet_student_has_no_auxiliary_classifiers(tmp_path):
 
     torch.save(torchvision.models.googlenet(num_classes=5, aux_logits=True, init_weights=False).state_dict(),
                tmp_path / "g.pth")
-    module = exp.student_module("googlenet", 3, 32)
+    module = exp.Student.load("googlenet", 3, 32).module()
     assert module.aux_logits is False
     module = module.clone(axis_name=None)  # the train step's BatchNorm syncs over the mesh axis; not here
     for spec in ("googlenet", f"googlenet:{tmp_path / 'g.pth'}"):
-        v = exp.student_variables(spec, 3, 32, seed=0)
+        v = exp.Student.load(spec, 3, 32).variables(seed=0)
         assert not any(k.startswith("aux") for k in v["params"]) and v["params"]["fc"]["kernel"].shape == (1024, 3)
-        out, _ = module.apply(v, np.zeros((2, 32, 32, 3), np.float32), train=True, mutable=["batch_stats"],
-                              rngs={"dropout": jax.random.key(0)})
+        # shapes only (traced, not run): a (logits, aux2, aux1) tuple would fail here
+        out, _ = jax.eval_shape(lambda v: module.apply(v, np.zeros((2, 32, 32, 3), np.float32), train=True,
+                                                       mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}), v)
         assert out.shape == (2, 3)
+
+
+def test_student_width_with_a_checkpoint_is_refused_before_loading(tmp_path):
+    """--student_width builds a non-torchvision width, so NAME:CKPT with a width is an error that says so,
+    raised before the checkpoint is read (the path need not exist)."""
+    with pytest.raises(ValueError, match="student_width"):
+        exp.Student.load(f"resnet18:{tmp_path / 'absent.pth'}", 3, 32, width=8)
+    with pytest.raises(KeyError, match="unknown model .resnet1.*resnet18"):  # lists the supported ones
+        exp.Student.load("resnet1", 3, 32)

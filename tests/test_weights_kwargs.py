@@ -130,15 +130,15 @@ def test_distillation_teachers_and_students_take_their_weights_arguments(tmp_pat
     teacher, t_vars = distill.load_teacher(spec, 7, image_size=32)
     assert teacher.legacy_stem
     assert teacher.apply(t_vars, np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 7)
-    student = exp.student_module(spec, 3, 32).clone(axis_name=None)
-    s_vars = exp.student_variables(spec, 3, 32, seed=0)
+    student_spec = exp.Student.load(spec, 3, 32)
+    student, s_vars = student_spec.module().clone(axis_name=None), student_spec.variables(seed=0)
     assert student.legacy_stem
     out, _ = student.apply(s_vars, np.zeros((2, 32, 32, 3), np.float32), train=True, mutable=["batch_stats"],
                            rngs={"dropout": jax.random.key(0)})
     assert out.shape == (2, 3)
-    vit_student = exp.student_module(f"vit_b_32:{tmp_path / 'vit.pth'}", 3, SIZE)
-    assert vit_student.image_size == SIZE
-    s_vars = exp.student_variables(f"vit_b_32:{tmp_path / 'vit.pth'}", 3, SIZE, seed=0)
+    vit_spec = exp.Student.load(f"vit_b_32:{tmp_path / 'vit.pth'}", 3, SIZE)
+    assert vit_spec.module().image_size == SIZE
+    s_vars = vit_spec.variables(seed=0)
     assert s_vars["params"]["encoder"]["pos_embedding"].shape == (1, 5, 768)
 
 
