@@ -271,12 +271,7 @@ def convert(
         filled[full] = arr.astype(np.float32, copy=False) if arr.dtype != np.float32 else arr
 
     if head == "reinit":
-        fresh = _flat(models.init(module, rng if rng is not None else jax.random.key(0), spec.input_size))
-        for path in (spec.head_path, *(flax_path(h + ".weight")[:-1] for h in spec.aux_heads)):
-            head_path = ("params",) + path
-            for full in template:
-                if full[: len(head_path)] == head_path:
-                    filled[full] = np.asarray(fresh[full])
+        filled.update(_fresh_heads(spec, module, rng if rng is not None else jax.random.key(0)))
 
     missing = [full for full in template if full not in seen and full not in filled]
     if unexpected or missing or mismatched:
@@ -287,6 +282,19 @@ def convert(
     variables.setdefault("params", {})
     variables.setdefault("batch_stats", {})
     return variables
+
+
+def _fresh_heads(spec: ModelSpec, module: Any, rng: jax.Array) -> dict[tuple[str, ...], np.ndarray]:
+    """The classifier's (and auxiliary classifiers' output layers') leaves of the model's own init from
+    `rng`. Jitted and pruned to those leaves, XLA drops the rest of the network: googlenet takes 1.6 s
+    against 35 s for the eager init, with the same values (flax derives each module's rng from its path)."""
+    heads = [("params",) + p for p in (spec.head_path, *(flax_path(h + ".weight")[:-1] for h in spec.aux_heads))]
+
+    def init(key: jax.Array) -> dict[tuple[str, ...], jax.Array]:
+        flat = _flat(models.init(module, key, spec.input_size))
+        return {k: v for k, v in flat.items() if any(k[: len(h)] == h for h in heads)}
+
+    return {k: np.asarray(v) for k, v in jax.jit(init)(rng).items()}
 
 
 def _torch_names(name: str, model_kw: Mapping[str, Any], leaves: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
