@@ -79,14 +79,23 @@ def multitask_variables(
         converted = models.at_size(model, converted, size)
         backbone_kw = implied_kwargs(model, converted)  # e.g. MNASNet's version-1 stem
     module = MultiTaskModel(models.create(model, num_classes=0, **backbone_kw), tuple(tasks))
-    fresh = module.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+
+    def init(key: jax.Array) -> dict[str, Any]:
+        v = module.init(key, x, train=False)
+        # with a converted backbone only the heads are kept, and XLA prunes the rest of the init
+        return v if converted is None else {c: {k: a for k, a in t.items() if k != "backbone"} for c, t in v.items()}
+
+    fresh = jax.jit(init)(rng)
     params = dict(fresh["params"])
     batch_stats = dict(fresh.get("batch_stats", {}))
     if converted is not None:
+        want = jax.eval_shape(lambda key: module.init(key, x, train=False), rng)["params"]["backbone"]
+        if jax.tree.structure(converted["params"]) != jax.tree.structure(want):
+            raise ValueError(f"{model}: converted backbone does not match the num_classes=0 model")
         params["backbone"] = converted["params"]
         batch_stats["backbone"] = converted["batch_stats"]
-        if jax.tree.structure(params["backbone"]) != jax.tree.structure(fresh["params"]["backbone"]):
-            raise ValueError(f"{model}: converted backbone does not match the num_classes=0 model")
     if head_init == "zero":
         for t, _ in tasks:
             params[f"head_{t}"] = jax.tree.map(jnp.zeros_like, params[f"head_{t}"])
