@@ -336,7 +336,9 @@ def build_torch_model(name: str, device: str = "cpu", **kw: Any) -> Any:
     spec = get_spec(name)
     build = spec.torch_builder or (lambda n, **k: torchvision.models.get_model(n, weights=None, **k))
     try:
-        with torch.device(device):
+        with torch.device(device), warnings.catch_warnings():
+            if device == "meta":  # shapes only: googlenet's notice that its default init will change is noise
+                warnings.simplefilter("ignore", FutureWarning)
             return build(name, **kw)
     except NotImplementedError:  # builders that compute with tensor values (RegNet's widths) need real ones
         if device == "cpu":
