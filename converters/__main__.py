@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "convert_seconds": round(seconds, 4),
         "probe_shape_nchw": list(x.shape),
         "max_abs_logit_diff": float(np.abs(ref - got).max()),
+        "max_abs_logit": float(np.abs(ref).max()),  # the diff's scale
         "argmax_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
         "variables": str((out / "variables").resolve()),
     }
