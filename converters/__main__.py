@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = parity.probe_batch(args.probe_batch, h, w)
     model = parity.torch_model(args.name, sd)
     ref = parity.torch_logits(model, x)
-    got = parity.flax_logits(args.name, variables, x, **model_kwargs(args.name, sd))
+    got = parity.flax_logits(args.name, variables, x)  # the module the variables' shapes imply
     report = {
         "model": args.name,
         "source": args.checkpoint or f"torchvision:{args.weights}",
