@@ -125,6 +125,11 @@ class DistillRun:
             raise ValueError("batch sizes must be >= 1")
         if self.labels_per_class < 0:
             raise ValueError(f"labels_per_class must be >= 0, got {self.labels_per_class}")
+        k = self.loop.accum_steps
+        if self.batch_size % k or (self.labels_per_class and (self.transfer_batch_size or self.batch_size) % k):
+            # each micro-batch takes every k-th row: labelled and transfer rows split evenly among them
+            raise ValueError(f"batch_size ({self.batch_size}) and transfer_batch_size "
+                             f"({self.transfer_batch_size or self.batch_size}) must divide by loop.accum_steps={k}")
         kind = self.data.split(":", 1)[0]
         if kind not in ("digits", "tfds", "folder") or (kind != "digits" and ":" not in self.data):
             raise ValueError(f"--data must be digits, tfds:NAME or folder:PATH, got {self.data!r}")
@@ -705,7 +710,7 @@ def plot_table(summary: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = cfglib.parse_args(DistillRun(), list(sys.argv[1:] if argv is None else argv))
+    cfg = cfglib.parse_cli(DistillRun(), list(sys.argv[1:] if argv is None else argv))
     if cfg.table:
         summary = run_table(cfg)
         print((Path(table_defaults(cfg).workdir) / "results.md").read_text())

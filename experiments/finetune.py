@@ -333,7 +333,7 @@ def _read_rows(workdir: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jtkd.loop import Preempted
 
-    job = jconfig.parse_args(FinetuneJob(), sys.argv[1:] if argv is None else argv)
+    job = jconfig.parse_cli(FinetuneJob(), sys.argv[1:] if argv is None else argv)
     try:
         return run(job)
     except Preempted as e:  # checkpoint written: a scheduler restarting the command resumes it

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jtkd.loop import setup_logging
 
     setup_logging()
-    cfg = jconfig.parse_args(TransferConfig(), sys.argv[1:] if argv is None else argv)
+    cfg = jconfig.parse_cli(TransferConfig(), sys.argv[1:] if argv is None else argv)
     return run(cfg)
 
 

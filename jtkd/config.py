@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -178,6 +179,17 @@ def parse_args(cfg: C, argv: Sequence[str]) -> C:
         cfg = _replace_path(cfg, full, value)
     _validate(cfg)
     return cfg
+
+
+def parse_cli(cfg: C, argv: Sequence[str]) -> C:
+    """`parse_args` for a program's command line: an unknown option, a bad value or a config that fails its
+    `validate` ends the program with one line naming the problem on stderr and exit status 2 (as argparse
+    does), not a traceback."""
+    try:
+        return parse_args(cfg, argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _validate(cfg: Any) -> None:

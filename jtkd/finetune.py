@@ -72,6 +72,9 @@ class FinetuneConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.batch_size % self.loop.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} does not divide into loop.accum_steps="
+                             f"{self.loop.accum_steps} micro-batches")
         if self.mode == "partial" and self.freeze_stages < 1:
             raise ValueError("mode='partial' needs freeze_stages >= 1 (0 is mode='full')")
         models.check_input_size(self.model, self.image_size)

@@ -128,6 +128,9 @@ class _SigtermFlag:
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     steps: int = 1000  # total optimizer steps
+    # gradient accumulation: each step's batch runs as this many micro-batches (activation memory of one),
+    # one optimizer update (jtkd.train's docstring); the batch size per device must divide by it
+    accum_steps: int = 1
     log_every: int = 10  # a train metrics row (mean over the interval) every this many steps
     eval_every: int = 0  # evaluate every this many steps (0: only at the end)
     checkpoint_every: int = 0  # save the TrainState every this many steps (0: only at the end); multiple of log_every
@@ -144,6 +147,8 @@ class LoopConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.prefetch < 0:
@@ -441,7 +446,7 @@ class Trainer:
     ) -> None:
         config.validate()
         self.mesh, self.config, self.schedule = mesh, config, schedule
-        self.train_step = train.make_train_step(mesh, loss_fn, donate=donate)
+        self.train_step = train.make_train_step(mesh, loss_fn, donate=donate, accum_steps=config.accum_steps)
         self.eval_step = train.make_eval_step(mesh, eval_fn) if eval_fn is not None else None
 
     # ------------------------------------------------------------------------------ evaluate

@@ -8,6 +8,13 @@ devices and multi-host runs (`jax.distributed.initialize()` before building the 
 The gradient of a replicated parameter under `shard_map` (check_vma=True) is already summed over
 the axis, so each device differentiates `local_mean_loss / axis_size`: the sum is the global mean.
 A one-device mesh runs unchecked, without that sum, which XLA:CPU would run as a copy of every gradient.
+
+Gradient accumulation (`accum_steps=k`) runs each device's shard as k micro-batches in a `lax.scan`
+and averages their gradients into one optimizer update, as torch's `(loss / k).backward()` k times
+then `optimizer.step()`: activations are held for one micro-batch at a time. Micro-batch j is every
+k-th row of the global batch from row j, whatever the device count, so a run does not depend on how
+many devices it is split over. BatchNorm normalises each micro-batch with its own statistics and
+updates its running statistics k times a step, as torch does.
 """
 
 from __future__ import annotations
@@ -106,23 +113,59 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(key, jax.lax.axis_index(AXIS))
 
 
-def make_train_step(mesh: Mesh, loss_fn: LossFn, donate: bool = True) -> Callable[..., tuple[TrainState, Metrics]]:
+def micro_batches(batch: Batch, accum_steps: int) -> Batch:
+    """Each (rows, ...) leaf as (accum_steps, rows / accum_steps, ...): micro-batch j holds rows j, j + k, ..."""
+
+    def split(a: jax.Array) -> jax.Array:
+        if a.shape[0] % accum_steps:
+            raise ValueError(
+                f"accum_steps={accum_steps} does not divide the {a.shape[0]} rows of a device's batch: the "
+                "batch size per device must be a multiple of accum_steps"
+            )
+        return jnp.swapaxes(a.reshape(a.shape[0] // accum_steps, accum_steps, *a.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    mesh: Mesh, loss_fn: LossFn, donate: bool = True, accum_steps: int = 1
+) -> Callable[..., tuple[TrainState, Metrics]]:
     """jit(shard_map(step)): `step(state, batch, extra=None) -> (state, metrics)`.
 
-    `loss_fn` sees the local shard; `extra` is a replicated pytree passed through untouched (e.g. a
-    frozen teacher's variables) so it is an argument, not a compile-time constant. Metrics are
-    averaged over devices.
+    `loss_fn` sees the local shard (a micro-batch of it with `accum_steps` > 1: see the module
+    docstring); `extra` is a replicated pytree passed through untouched (e.g. a frozen teacher's
+    variables) so it is an argument, not a compile-time constant. Metrics are averaged over devices
+    and micro-batches.
     """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     n = mesh.shape[AXIS]
+
+    def gradients(state: TrainState, batch: Batch, rng: jax.Array, extra: Any) -> tuple[Any, Any, Metrics]:
+        def objective(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
+            loss, aux = loss_fn(params, state, batch, rng, extra)
+            # gradients of replicated params are summed over the axis; the micro-batches' are summed below
+            return loss / (n * accum_steps), aux
+
+        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
+        return grads, batch_stats, metrics
 
     def local_step(state: TrainState, batch: Batch, extra: Any) -> tuple[TrainState, Metrics]:
         rng = step_rng(state)
+        if accum_steps == 1:
+            grads, batch_stats, metrics = gradients(state, batch, rng, extra)
+        else:
+            def micro_step(carry: tuple[Any, Any], xs: tuple[jax.Array, Batch]) -> tuple[tuple[Any, Any], Metrics]:
+                total, stats = carry
+                i, micro = xs
+                g, stats, m = gradients(state.replace(batch_stats=stats), micro, jax.random.fold_in(rng, i), extra)
+                return (jax.tree.map(jnp.add, total, g), stats), m
 
-        def objective(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
-            loss, aux = loss_fn(params, state, batch, rng, extra)
-            return loss / n, aux  # gradients of replicated params are summed over the axis
-
-        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, batch_stats), metrics = jax.lax.scan(
+                micro_step, (zeros, state.batch_stats), (jnp.arange(accum_steps), micro_batches(batch, accum_steps))
+            )
+            metrics = jax.tree.map(lambda m: m.mean(0), metrics)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)

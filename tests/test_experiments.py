@@ -67,13 +67,22 @@ def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
     assert again["final_eval"] == res["final_eval"]
 
 
-def test_finetune_cli_bad_input(tmp_path):
+def test_finetune_cli_bad_input(tmp_path, capsys):
     from experiments import finetune
 
     with pytest.raises(SystemExit, match="pass --checkpoint PATH or --weights DEFAULT"):
         finetune.main(["--data", "digits", "--quick", "--mode", "full", "--workdir", str(tmp_path)])
-    with pytest.raises(ValueError, match="--data must be tfds:NAME, folder:PATH or digits"):
-        finetune.main(["--data", "mnist", "--workdir", str(tmp_path)])
+    # a bad command line: one line naming the problem and argparse's exit status 2, no traceback
+    for argv, message in (
+        (["--data", "mnist"], "error: --data must be tfds:NAME, folder:PATH or digits; got 'mnist'"),
+        (["--batch_size", "64", "--accum_steps", "3"], "error: batch_size 64 does not divide into loop.accum_steps=3"),
+        (["--lr", "fast"], "error: --finetune.optim.lr: expected float, got 'fast'"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            finetune.main([*argv, "--workdir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(message)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         finetune.main(
             ["--data", "digits", "--quick", "--checkpoint", str(tmp_path / "nope.pth"), "--workdir", str(tmp_path)]

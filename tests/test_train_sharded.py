@@ -74,3 +74,97 @@ def test_one_device_step_has_no_gradient_all_reduce():
     largest_channel_count = 512
     assert reduced, "expected BatchNorm's statistics to be all-reduced"
     assert max(reduced) <= largest_channel_count, max(reduced)
+
+
+# ------------------------------------------------------------------------------ gradient accumulation
+def _accum_run(num_devices: int, accum_steps: int, train_mode: bool = True, steps: int = 2, dtype=jnp.float32):
+    mesh = train.make_mesh(num_devices)
+    model = models.create("resnet18", num_classes=5, axis_name=train.AXIS, dtype=dtype)
+    variables = jax.tree.map(lambda a: a.astype(dtype), models.init(model, jax.random.key(0), 32))
+    state = train.replicate(mesh, train.TrainState.create(model.apply, variables, optax.sgd(0.01, momentum=0.9)))
+    step = train.make_train_step(mesh, train.classification_loss(train_mode=train_mode), False, accum_steps)
+    rng = np.random.default_rng(1)
+    history = []
+    for _ in range(steps):
+        batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(dtype), "label": rng.integers(0, 5, 8)}
+        state, metrics = step(state, train.shard_batch(mesh, batch))
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
+def test_accumulated_steps_do_not_depend_on_the_device_count():
+    """Micro-batch j is every k-th row of the global batch, so 4 devices x 2 micro-batches of 1 row compute
+    what one device does with 2 micro-batches of 4 rows (BatchNorm synchronised over the devices). In float64,
+    as BatchNorm over 4 rows of 1x1 maps (layer4 at 32 px) amplifies float32 reduction-order rounding."""
+    with jax.enable_x64(True):
+        one, h1 = _accum_run(1, 2, dtype=jnp.float64)
+        four, h4 = _accum_run(4, 2, dtype=jnp.float64)
+        full, hf = _accum_run(1, 1, steps=1, dtype=jnp.float64)
+    _assert_same(one, four, h1, h4, 1e-10)
+    # and it is not the full-batch step: train-mode BatchNorm normalises each micro-batch by its own statistics
+    assert not np.allclose(h1[0]["loss"], hf[0]["loss"], rtol=1e-4)
+
+
+def test_accumulation_with_inference_mode_batchnorm_equals_the_full_batch_step():
+    """Without batch statistics every row's gradient is independent of the others: the mean over 4 micro-batches
+    of their mean gradients is the full batch's (a missing or doubled 1/k would be off by 4x)."""
+    with jax.default_matmul_precision("highest"):
+        acc, ha = _accum_run(2, 4, train_mode=False)
+        full, hf = _accum_run(2, 1, train_mode=False)
+    _assert_same(acc, full, ha, hf, 2e-5)
+
+
+def test_accumulation_rejects_a_batch_it_cannot_split():
+    mesh = train.make_mesh(2)
+
+    def loss_fn(params, state, batch, rng, extra):
+        loss = params["w"].sum() * batch["x"].mean()
+        return loss, ({}, {"loss": loss})
+
+    state = train.replicate(mesh, train.TrainState.create(None, {"params": {"w": np.ones(3, np.float32)}}, optax.sgd(0.1)))
+    step = train.make_train_step(mesh, loss_fn, False, accum_steps=3)
+    with pytest.raises(ValueError, match="accum_steps=3 does not divide the 4 rows of a device's batch"):
+        step(state, train.shard_batch(mesh, {"x": np.ones((8, 2), np.float32)}))
+    with pytest.raises(ValueError, match="accum_steps must be >= 1"):
+        train.make_train_step(mesh, loss_fn, accum_steps=0)
+
+
+def test_accumulated_step_equals_torch_gradient_accumulation():
+    """torch's recipe, `(loss / k).backward()` on each of k micro-batches then one `optimizer.step()`, from a
+    converted model with random BatchNorm statistics (13 classes, 37x41 px): the same loss, weights and running
+    statistics (updated k times) after the step."""
+    import torch
+
+    from converters import parity
+    from converters.torchvision import convert, flax_module, to_torch
+
+    k, lr = 3, 0.1
+    torch_model = parity.torch_model("resnet18", num_classes=13, seed=4)
+    variables = convert("resnet18", torch_model.state_dict())
+    x = parity.probe_batch(6, 37, 41, seed=5)
+    y = np.random.default_rng(6).integers(0, 13, 6)
+
+    mesh = train.make_mesh(1)
+    module = flax_module("resnet18", variables, axis_name=train.AXIS)
+    state = train.replicate(mesh, train.TrainState.create(module.apply, variables, optax.sgd(lr)))
+    step = train.make_train_step(mesh, train.classification_loss(), False, accum_steps=k)
+    with jax.default_matmul_precision("highest"):
+        state, metrics = step(state, train.shard_batch(mesh, {"image": x.transpose(0, 2, 3, 1), "label": y}))
+
+    torch_model.train()
+    opt = torch.optim.SGD(torch_model.parameters(), lr=lr)
+    losses = []
+    for j in range(k):  # micro-batch j: rows j, j + k, ... (jtkd.train's docstring)
+        loss = torch.nn.functional.cross_entropy(torch_model(torch.from_numpy(x[j::k])), torch.from_numpy(y[j::k]))
+        (loss / k).backward()
+        losses.append(loss.item())
+    opt.step()
+
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+    before, got = to_torch("resnet18", variables), to_torch("resnet18", jax.device_get(state.variables))
+    moved = 0
+    for key, want in torch_model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            np.testing.assert_allclose(got[key].numpy(), want.numpy(), atol=2e-5, rtol=1e-4, err_msg=key)
+            moved += not torch.equal(got[key], before[key])
+    assert moved > len(got) // 2
