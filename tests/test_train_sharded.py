@@ -14,16 +14,16 @@ from jtkd import models, train
 pytestmark = pytest.mark.usefixtures("four_devices")
 
 
-def _run(num_devices: int, steps: int, dtype=jnp.float32):
+def _run(num_devices: int, steps: int, dtype=jnp.float32, size: int = 64, accum_steps: int = 1, train_mode: bool = True):
     mesh = train.make_mesh(num_devices)
     model = models.create("resnet18", num_classes=5, axis_name=train.AXIS, dtype=dtype)
-    variables = jax.tree.map(lambda a: a.astype(dtype), models.init(model, jax.random.key(0), 64))
+    variables = jax.tree.map(lambda a: a.astype(dtype), models.init(model, jax.random.key(0), size))
     state = train.replicate(mesh, train.TrainState.create(model.apply, variables, optax.sgd(0.01, momentum=0.9)))
-    step = train.make_train_step(mesh, train.classification_loss(), donate=False)
+    step = train.make_train_step(mesh, train.classification_loss(train_mode=train_mode), False, accum_steps)
     rng = np.random.default_rng(0)
     history = []
     for _ in range(steps):
-        batch = {"image": rng.standard_normal((8, 64, 64, 3)).astype(dtype), "label": rng.integers(0, 5, 8)}
+        batch = {"image": rng.standard_normal((8, size, size, 3)).astype(dtype), "label": rng.integers(0, 5, 8)}
         state, metrics = step(state, train.shard_batch(mesh, batch))
         history.append(jax.device_get(metrics))
     return jax.device_get(state), history
@@ -77,29 +77,14 @@ def test_one_device_step_has_no_gradient_all_reduce():
 
 
 # ------------------------------------------------------------------------------ gradient accumulation
-def _accum_run(num_devices: int, accum_steps: int, train_mode: bool = True, steps: int = 2, dtype=jnp.float32):
-    mesh = train.make_mesh(num_devices)
-    model = models.create("resnet18", num_classes=5, axis_name=train.AXIS, dtype=dtype)
-    variables = jax.tree.map(lambda a: a.astype(dtype), models.init(model, jax.random.key(0), 32))
-    state = train.replicate(mesh, train.TrainState.create(model.apply, variables, optax.sgd(0.01, momentum=0.9)))
-    step = train.make_train_step(mesh, train.classification_loss(train_mode=train_mode), False, accum_steps)
-    rng = np.random.default_rng(1)
-    history = []
-    for _ in range(steps):
-        batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(dtype), "label": rng.integers(0, 5, 8)}
-        state, metrics = step(state, train.shard_batch(mesh, batch))
-        history.append(jax.device_get(metrics))
-    return jax.device_get(state), history
-
-
 def test_accumulated_steps_do_not_depend_on_the_device_count():
     """Micro-batch j is every k-th row of the global batch, so 4 devices x 2 micro-batches of 1 row compute
     what one device does with 2 micro-batches of 4 rows (BatchNorm synchronised over the devices). In float64,
     as BatchNorm over 4 rows of 1x1 maps (layer4 at 32 px) amplifies float32 reduction-order rounding."""
     with jax.enable_x64(True):
-        one, h1 = _accum_run(1, 2, dtype=jnp.float64)
-        four, h4 = _accum_run(4, 2, dtype=jnp.float64)
-        full, hf = _accum_run(1, 1, steps=1, dtype=jnp.float64)
+        one, h1 = _run(1, 2, jnp.float64, size=32, accum_steps=2)
+        four, h4 = _run(4, 2, jnp.float64, size=32, accum_steps=2)
+        full, hf = _run(1, 1, jnp.float64, size=32)
     _assert_same(one, four, h1, h4, 1e-10)
     # and it is not the full-batch step: train-mode BatchNorm normalises each micro-batch by its own statistics
     assert not np.allclose(h1[0]["loss"], hf[0]["loss"], rtol=1e-4)
@@ -109,8 +94,8 @@ def test_accumulation_with_inference_mode_batchnorm_equals_the_full_batch_step()
     """Without batch statistics every row's gradient is independent of the others: the mean over 4 micro-batches
     of their mean gradients is the full batch's (a missing or doubled 1/k would be off by 4x)."""
     with jax.default_matmul_precision("highest"):
-        acc, ha = _accum_run(2, 4, train_mode=False)
-        full, hf = _accum_run(2, 1, train_mode=False)
+        acc, ha = _run(2, 2, size=32, accum_steps=4, train_mode=False)
+        full, hf = _run(2, 2, size=32, train_mode=False)
     _assert_same(acc, full, ha, hf, 2e-5)
 
 
