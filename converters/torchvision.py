@@ -487,8 +487,9 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
     raise ValueError(f"{path}: no state_dict found (a mapping of parameter names to tensors); got {type(obj).__name__}")
 
 
-def download_weights(name: str, weights: str = "DEFAULT") -> dict[str, Any]:
-    """A torchvision weights state_dict through torchvision's own API (needs internet)."""
+def weights_entry(name: str, weights: str = "DEFAULT") -> Any:
+    """torchvision's weights enum member for `name` (DEFAULT or a member name): its url, transforms and
+    meta (`categories`, accuracies) are in the package, so this works offline."""
     import torchvision
 
     try:
@@ -497,9 +498,14 @@ def download_weights(name: str, weights: str = "DEFAULT") -> dict[str, Any]:
         raise ValueError(f"torchvision has no weights for {name!r}: {e}") from None
     member = weights.rsplit(".", 1)[-1]
     try:
-        w = enum[member] if member != "DEFAULT" else enum.DEFAULT
+        return enum[member] if member != "DEFAULT" else enum.DEFAULT
     except KeyError:
         raise ValueError(f"{name}: unknown weights {weights!r}; choose one of DEFAULT, {', '.join(enum.__members__)}") from None
+
+
+def download_weights(name: str, weights: str = "DEFAULT") -> dict[str, Any]:
+    """A torchvision weights state_dict through torchvision's own API (needs internet)."""
+    w = weights_entry(name, weights)
     try:
         return w.get_state_dict(progress=True, check_hash=True)
     except OSError as e:  # urllib.error.URLError is an OSError

@@ -240,6 +240,51 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "does not match jtkd model 'resnet50'" in capsys.readouterr().err
 
 
+def test_cli_probes_with_your_images(tmp_path, capsys):
+    """--images: real photos (scikit-image's samples; a folder searched recursively, non-image files left out)
+    through torchvision's evaluation transform at an odd size; each image's top-5 classes, named by the
+    weights' ImageNet categories, are torch's own and JAX's agree. A file that is not an image is an error."""
+    from PIL import Image
+    from skimage import data as samples
+    from torchvision import transforms as T
+
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    for name in ("astronaut", "chelsea", "coffee"):
+        Image.fromarray(getattr(samples, name)()).save(photos / f"{name}.png")
+    Image.fromarray(samples.camera()).save(photos / "more" / "camera.jpg")  # grayscale
+    (photos / "notes.txt").write_text("not an image")
+    model = parity.torch_model("resnet18", num_classes=1000, seed=3)
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    h, w = 161, 171
+    argv = ["resnet18", "--checkpoint", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "o"), "--probe-size", str(h), str(w)]
+    assert cli_main([*argv, "--images", str(photos)]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    files = [photos / "astronaut.png", photos / "chelsea.png", photos / "coffee.png", photos / "more" / "camera.jpg"]
+    assert [r["file"] for r in report["images"]] == [str(f) for f in files]
+    assert report["probe"] == "images" and report["probe_shape_nchw"] == [4, 3, h, w]
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-4
+
+    categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
+    norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    transform = T.Compose([T.Resize(int(w / 0.875)), T.CenterCrop((h, w)), T.ToTensor(), norm])
+    with torch.no_grad():
+        x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+        probs = torch.softmax(model(x).double(), -1).numpy()
+    for row, p in zip(report["images"], probs):
+        want = [categories[c] for c in np.argsort(-p)[:5]]
+        assert [c for c, _ in row["torch_top5"]] == want and [c for c, _ in row["jax_top5"]] == want
+        np.testing.assert_allclose([q for _, q in row["torch_top5"]], np.sort(p)[::-1][:5], atol=2e-6)
+        assert row["max_abs_prob_diff"] < 1e-5
+    assert "astronaut.png: torch" in capsys.readouterr().out
+
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert cli_main([*argv, "--images", str(photos)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert cli_main([*argv, "--images", str(tmp_path / "nowhere")]) == 2
+    assert "neither a file nor a folder" in capsys.readouterr().err
+
+
 def test_cli_offline_weights_message(tmp_path):
     # no internet here: torchvision's weights API fails, and the message says what to do instead
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "th"), "no_proxy": "*", "https_proxy": "http://127.0.0.1:9"}

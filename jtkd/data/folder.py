@@ -106,7 +106,7 @@ def check_image(path: str, validate: Literal["header", "full", "none"]) -> str |
     return None
 
 
-def _list_files(class_dir: str) -> list[str]:
+def list_files(class_dir: str) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -175,7 +175,7 @@ def image_folder(
     else:
         label_map = relabel(list(classes), found)
 
-    candidates = [(f, c) for c in label_map for f in _list_files(os.path.join(root, c))]
+    candidates = [(f, c) for c in label_map for f in list_files(os.path.join(root, c))]
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         reasons = list(
             tqdm(
