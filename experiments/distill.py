@@ -8,7 +8,7 @@ One run (resumable: rerun the same command and it continues from its last orbax 
 writes WORKDIR/config.json, metrics.jsonl, metrics.png (tqdm on the terminal), checkpoints/, and
 results.json (student and teacher test accuracy) plus student.pth, the trained student exported back
 to a torchvision state_dict. Options are the fields of `DistillRun` (dotted or short names, see --help):
---method kd|dkd|fitnet|at|rkd|pkt|lskd|ce (or 'kd+at': CE + sum of lambda_i * term_i), --weights,
+--method kd|dkd|fitnet|at|rkd|pkt|sp|lskd|ce (or 'kd+at': CE + sum of lambda_i * term_i), --weights,
 --ce_weight, --temperature, --labels_per_class (few labels; the rest of the train split becomes an
 unlabelled transfer set that only the distillation terms see; each step takes --batch_size labelled
 and --transfer_batch_size transfer rows), --augment, --teacher a,b (several

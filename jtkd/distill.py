@@ -43,11 +43,11 @@ from jtkd.train import AXIS, Batch, LossFn, Metrics, TrainState
 
 Array = jax.Array
 LOGIT_METHODS = ("kd", "dkd", "lskd")
-FEATURE_METHODS = ("fitnet", "at", "rkd", "pkt")
+FEATURE_METHODS = ("fitnet", "at", "rkd", "pkt", "sp")
 METHODS = ("ce",) + LOGIT_METHODS + FEATURE_METHODS
 
 # (ce_weight, lambda, temperature) as the reference implementations set them for CIFAR-100:
-# RepDistiller (KD -r 0.1 -a 0.9, FitNets 100, AT 1000, RKD 1, PKT 30000), mdistiller (DKD: CE 1,
+# RepDistiller (KD -r 0.1 -a 0.9, FitNets 100, AT 1000, RKD 1, PKT 30000, SP 3000), mdistiller (DKD: CE 1,
 # alpha 1, beta 8, T 4, warmup 20) and Sun et al. 2024 (KD + logit standardisation: CE 0.1, 9, T 2).
 _DEFAULTS: dict[str, tuple[float, float, float]] = {
     "ce": (1.0, 0.0, 1.0),
@@ -58,6 +58,7 @@ _DEFAULTS: dict[str, tuple[float, float, float]] = {
     "at": (1.0, 1000.0, 1.0),
     "rkd": (1.0, 1.0, 1.0),
     "pkt": (1.0, 30000.0, 1.0),
+    "sp": (1.0, 3000.0, 1.0),
 }
 
 
@@ -77,6 +78,7 @@ class DistillConfig:
     at_layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
     at_p: float = 2.0
     embedding: str = "pooled"  # RKD / PKT: the per-example embedding compared
+    sp_layers: tuple[str, ...] = ("layer4",)  # SP: the maps whose batch similarities are matched (RepDistiller: the last stage)
     rkd_distance_weight: float = 25.0
     rkd_angle_weight: float = 50.0
     teacher_weights: tuple[float, ...] | None = None  # several teachers (or heads): their weights
@@ -169,6 +171,8 @@ def _feature_pair_loss(cfg: DistillConfig, method: str) -> Callable[[View, View,
     if method == "at":
         names, p = cfg.at_layers, cfg.at_p
         return lambda s, t, k: sum(losses.at_loss(s.features[n], t.features[n], p) for n in names)
+    if method == "sp":
+        return lambda s, t, k: sum(losses.sp_loss(s.features[n], t.features[n]) for n in cfg.sp_layers)
     e = cfg.embedding
     if method == "rkd":
         wd, wa = cfg.rkd_distance_weight, cfg.rkd_angle_weight
@@ -184,6 +188,8 @@ def _logit_or_feature_term(cfg: DistillConfig, m: str, lam: float) -> Term:
         return Term(m, lam, fn, (cfg.hint_layer,), (cfg.hint_layer,), hint=cfg.hint_layer)
     if m == "at":
         return Term(m, lam, fn, cfg.at_layers, cfg.at_layers)
+    if m == "sp":
+        return Term(m, lam, fn, cfg.sp_layers, cfg.sp_layers, relational=True)
     return Term(m, lam, fn, (cfg.embedding,), (cfg.embedding,), relational=True)  # rkd, pkt
 
 

@@ -10,7 +10,8 @@ average of the teachers' softened distributions, p_t^T = sum_k w_k softmax(z_k /
 
 References for the formulas (and the defaults in `jtkd.distill`): Hinton et al. 2015 (KD), Zhao et
 al. 2022 (DKD, mdistiller), Romero et al. 2015 (FitNets), Zagoruyko & Komodakis 2017 (AT), Park et
-al. 2019 (RKD), Passalis & Tefas 2018 (PKT), Sun et al. 2024 (logit standardisation), with the
+al. 2019 (RKD), Passalis & Tefas 2018 (PKT), Tung & Mori 2019 (SP), Sun et al. 2024 (logit
+standardisation), with the
 PyTorch implementations of RepDistiller / mdistiller as the numerical reference.
 """
 
@@ -328,3 +329,23 @@ def pkt_loss(student_emb: Array, teacher_emb: Array, eps: float = 1e-7) -> Array
         raise ValueError(f"PKT: student batch {s.shape[0]} != teacher batch {t.shape[0]}")
     p_s, p_t = cond_probs(s), cond_probs(t)
     return jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
+
+
+def sp_loss(student_feat: Array, teacher_feat: Array, eps: float = 1e-12) -> Array:
+    """Similarity-preserving KD (Tung & Mori 2019).
+
+    With F the (B, -1) flattened feature map of each network, G = F F^T row-normalised (each row
+    divided by max(||row||_2, eps), torch's F.normalize), and loss = ||G_s - G_t||_F^2 / B^2. The maps
+    may differ in width and size (only the B x B similarities are compared), and the Gram matrix does
+    not depend on the layout the map is flattened from (NHWC here, NCHW in torch). RepDistiller weights
+    it 3000.
+    """
+    s, t = _flatten(student_feat), jax.lax.stop_gradient(_flatten(teacher_feat))
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"SP: student batch {s.shape[0]} != teacher batch {t.shape[0]}")
+
+    def similarities(f: Array) -> Array:
+        g = f @ f.T
+        return g / _safe_norm(g, eps)
+
+    return jnp.sum(jnp.square(similarities(s) - similarities(t))) / s.shape[0] ** 2

@@ -130,9 +130,9 @@ def test_step_differentiates_the_documented_objective(method):
     assert np.isfinite(float(metrics["loss"])) and float(metrics[f"loss_{method}"]) > 0
 
 
-@pytest.mark.parametrize("method", ["dkd+at", "fitnet+rkd", "lskd+pkt"])
+@pytest.mark.parametrize("method", ["dkd+at", "fitnet+rkd", "lskd+pkt", "kd+sp"])
 def test_four_devices_equal_one(method):
-    cfg = {"at_layers": ("layer1", "layer2")} if "at" in method else {}
+    cfg = {"at_layers": ("layer1", "layer2")} if "at" in method else {"sp_layers": ("layer2",)} if "sp" in method else {}
     batch = _batch(3)
     batch["label"][[0, 1, 2, 7]] = -1  # unlabelled rows, unevenly spread over the 4 shards
     results = []

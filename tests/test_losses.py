@@ -119,6 +119,14 @@ def ref_pkt(output_net, target_net, eps=0.0000001):  # RepDistiller PKT.cosine_s
     return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
 
 
+def ref_sp(g_s, g_t):  # RepDistiller Similarity.similarity_loss
+    bsz = g_s.shape[0]
+    g_s = torch.nn.functional.normalize(torch.mm(g_s.reshape(bsz, -1), g_s.reshape(bsz, -1).t()))
+    g_t = torch.nn.functional.normalize(torch.mm(g_t.reshape(bsz, -1), g_t.reshape(bsz, -1).t()))
+    g_diff = g_t - g_s
+    return (g_diff * g_diff).view(-1, 1).sum(0) / (bsz * bsz)
+
+
 def _nchw(x):
     return _t(np.transpose(x, (0, 3, 1, 2)))
 
@@ -273,3 +281,20 @@ def test_pkt_matches_repdistiller():
 def test_feature_losses_flatten_maps():
     s, t = _rand(4, 2, 2, 3, seed=30), _rand(4, 2, 2, 5, seed=31)
     _close(losses.pkt_loss(s, t), ref_pkt(_t(s.reshape(4, -1)), _t(t.reshape(4, -1))), rtol=1e-4)
+
+
+def test_sp_matches_repdistiller_value_and_grad():
+    """NHWC maps of different widths and sizes against RepDistiller's loss on the NCHW maps it sees."""
+    s, t = _rand(6, 3, 5, 8, seed=32), _rand(6, 2, 2, 16, seed=33)
+    val, grad = jax.value_and_grad(losses.sp_loss)(jnp.asarray(s), jnp.asarray(t))
+    ts = _nchw(s).requires_grad_()
+    ref = ref_sp(ts, _nchw(t))
+    ref.backward()
+    _close(val, ref[0], rtol=1e-4)
+    _close(grad, ts.grad.permute(0, 2, 3, 1), rtol=1e-3, atol=1e-8)
+    assert float(val) > 1e-3 and float(losses.sp_loss(t, t)) == pytest.approx(0.0, abs=1e-12)
+    z = s.copy()
+    z[2] = 0.0  # an all-zero map: its similarity row is 0, torch's normalize keeps it finite
+    assert np.all(np.isfinite(np.asarray(jax.grad(losses.sp_loss)(jnp.asarray(z), jnp.asarray(t)))))
+    with pytest.raises(ValueError, match="SP: student batch 6 != teacher batch 5"):
+        losses.sp_loss(s, t[:5])
