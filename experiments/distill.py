@@ -389,6 +389,10 @@ class Distiller:
         state, _ = self.trainer.fit(state, self.data(seed), eval_data, workdir=workdir, extra=extra, desc=desc,
                                     config=run_cfg)
         final = self.trainer.evaluate(state, eval_data)
+        ema = optim.ema_params(state.opt_state)
+        ema_state = state.replace(params=ema) if ema is not None else None
+        if ema_state is not None:  # --optim.ema_decay: the student's averaged weights too
+            final.update(self.trainer.evaluate(ema_state, eval_data, prefix="eval_ema/"))
         result = {
             "method": label or cfg.distill.method,
             "weights": list(cfg.distill.weights) if cfg.distill.weights else None,
@@ -398,6 +402,7 @@ class Distiller:
             "teachers": list(self.teachers.specs) if self.teachers else [],
             "accuracy": final["eval/accuracy"],
             "eval_loss": final["eval/loss"],
+            **({"accuracy_ema": final["eval_ema/accuracy"]} if ema_state is not None else {}),
             "steps": cfg.loop.steps,
             "labelled_examples": self.train_split.n if self.stream is None else len(self.stream),
             "transfer_examples": self.transfer.n if self.transfer is not None else 0,
@@ -407,8 +412,10 @@ class Distiller:
         if cfg.export_student and not cfg.student_width:
             from converters.torchvision import to_torch
 
-            sd = to_torch(self.student_spec.name, jax.device_get(distill.student_variables(state)))
-            torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()}, workdir / "student.pth")
+            for name, st in (("student", state), ("student_ema", ema_state)):
+                if st is not None:
+                    sd = to_torch(self.student_spec.name, jax.device_get(distill.student_variables(st)))
+                    torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()}, workdir / f"{name}.pth")
         return result
 
 

@@ -241,7 +241,7 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     elif job.distributed:
         jax.distributed.initialize()
 
-    from jtkd import checkpoint, finetune, train
+    from jtkd import checkpoint, finetune, optim, train
     from jtkd.loop import ArraySource, EvalSource, _info, setup_logging
 
     setup_logging()
@@ -300,12 +300,16 @@ def run(job: FinetuneJob) -> dict[str, Any]:
         results["best_eval"] = max(evals, key=lambda r: r["eval/accuracy"])
     if tuner.probe and eval_src is not None and _in_memory(eval_src):
         results["final_eval_full_model"] = evaluator(final, {"image": eval_src.images, "label": eval_src.labels})
+    exports = {"final": final}
+    if (ema := optim.ema_params(state.opt_state)) is not None:  # --optim.ema_decay: the averaged weights too
+        exports["final_ema"] = tuner.merge(variables, state.replace(params=ema))
     if jax.process_index() == 0:
-        checkpoint.save_variables(workdir / "final", final)
-        if job.export_torch:
-            from converters.torchvision import to_torch
+        for name, v in exports.items():
+            checkpoint.save_variables(workdir / name, v)
+            if job.export_torch:
+                from converters.torchvision import to_torch
 
-            torch.save(to_torch(ft.model, final), workdir / "final.pth")
+                torch.save(to_torch(ft.model, v), workdir / f"{name}.pth")
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     _info(f"done: {json.dumps(results.get('final_eval', {}))} -> {workdir}")
     return results

@@ -58,7 +58,7 @@ import optax
 from jax.sharding import Mesh
 
 from jtkd import config as cfglib
-from jtkd import train
+from jtkd import optim, train
 from jtkd.checkpoint import CheckpointMismatchError, TrainCheckpointer
 
 Batch = dict[str, np.ndarray]
@@ -359,7 +359,8 @@ def plot_history(rows: list[Mapping[str, Any]], path: str | Path, title: str = "
         pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    panels = [("loss", ["train/loss", "eval/loss"]), ("accuracy", ["train/accuracy", "eval/accuracy"])]
+    panels = [("loss", ["train/loss", "eval/loss", "eval_ema/loss"]),
+              ("accuracy", ["train/accuracy", "eval/accuracy", "eval_ema/accuracy"])]
     extra = sorted(
         {k for r in rows for k in r if k.startswith(("train/", "eval/"))}
         - {"train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "eval/count", "train/grad_norm"}
@@ -373,7 +374,7 @@ def plot_history(rows: list[Mapping[str, Any]], path: str | Path, title: str = "
         for key in keys:
             x, y = series(key)
             if x:
-                ax.plot(x, y, marker="o" if key.startswith("eval/") else None, ms=3, label=key)
+                ax.plot(x, y, marker="o" if key.startswith("eval") else None, ms=3, label=key)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -460,6 +461,12 @@ class Trainer:
         if total is None:
             raise ValueError("evaluation data is empty")
         return sums_to_means(jax.device_get(total), prefix)
+
+    def _evaluate_any(self, state: Any, eval_data: Any, extra: Any, prefix: str = "eval/") -> dict[str, float]:
+        """`evaluate` on batches, or a callable evaluator's 'eval/...' metrics renamed to `prefix`."""
+        if not callable(eval_data):
+            return self.evaluate(state, eval_data, extra, prefix)
+        return {prefix + k.removeprefix("eval/"): v for k, v in eval_data(state).items()}
 
     # ----------------------------------------------------------------------------------- fit
     def fit(
@@ -567,10 +574,9 @@ class Trainer:
                     post["loss"] = f"{row.get('train/loss', float('nan')):.4f}"
                     bar.set_postfix(post)
                 if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
-                    ev = {
-                        "step": step,
-                        **(eval_data(state) if callable(eval_data) else self.evaluate(state, eval_data, extra)),
-                    }
+                    ev = {"step": step, **self._evaluate_any(state, eval_data, extra)}
+                    if (ema := optim.ema_params(state.opt_state)) is not None:  # the weights' moving average too
+                        ev.update(self._evaluate_any(state.replace(params=ema), eval_data, extra, "eval_ema/"))
                     writer.write(ev)
                     history.append(ev)
                     post["eval_acc"] = f"{ev.get('eval/accuracy', float('nan')):.4f}"

@@ -53,6 +53,8 @@ def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
         "1e-3",
         "--label_smoothing",
         "0.1",
+        "--ema_decay",
+        "0.5",
     ]
     res = finetune.main(argv)
     assert res["steps"] == 3 and res["num_classes"] == 10 and 0 < res["trainable_params"] < res["total_params"]
@@ -62,6 +64,12 @@ def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
         assert (run / f).exists(), f
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(torch.load(run / "final.pth", weights_only=True), strict=True)
+    # --ema_decay: the weights' moving average is evaluated beside them and exported too
+    assert res["final_eval"]["eval_ema/count"] == 450 and "eval_ema/accuracy" in res["final_eval"]
+    ema = torch.load(run / "final_ema.pth", weights_only=True)
+    model.load_state_dict(ema, strict=True)
+    final = torch.load(run / "final.pth", weights_only=True)
+    assert not torch.equal(ema["fc.weight"], final["fc.weight"]) and torch.equal(ema["conv1.weight"], final["conv1.weight"])
     assert json.loads((run / "config.json").read_text())["finetune"]["optim"]["optimizer"] == "adamw"
     again = finetune.main(argv)  # the same command again: resumes at the end, nothing left to do
     assert again["final_eval"] == res["final_eval"]

@@ -26,10 +26,10 @@ from jtkd.loop import (
 N_DEV = 4  # tests/conftest.py provides 4 fake CPU devices
 
 
-def _setup(steps=12, lr=0.05, num_classes=3, **loop_kw):
+def _setup(steps=12, lr=0.05, num_classes=3, ema_decay=0.0, **loop_kw):
     mesh = train.make_mesh(N_DEV)
     model = Tiny(num_classes=num_classes, axis_name=train.AXIS)
-    cfg = optim.OptimConfig(optimizer="sgd", lr=lr, weight_decay=1e-3, warmup_steps=2)
+    cfg = optim.OptimConfig(optimizer="sgd", lr=lr, weight_decay=1e-3, warmup_steps=2, ema_decay=ema_decay)
     variables = jax.device_get(init(Tiny(num_classes)))  # host copies: the donated state never aliases them
     tx = optim.make_optimizer(cfg, variables["params"], total_steps=steps)
     kw = dict(steps=steps, log_every=2, eval_every=4, checkpoint_every=4, progress=False, async_checkpoint=True)
@@ -70,9 +70,12 @@ def _crashing(src, at_step):
 
 
 def test_resume_after_crash_is_bitwise_identical(tmp_path):
-    trainer, fresh = _setup()
+    """With a weight average (ema_decay) in the optimizer state: it resumes too, and is evaluated beside the weights."""
+    trainer, fresh = _setup(ema_decay=0.9)
     src, ev = _data()
     ref, ref_rows = trainer.fit(fresh(), src, ev, workdir=tmp_path / "ref")
+    evals = [r for r in ref_rows if "eval/accuracy" in r]
+    assert len(evals) == 3 and all(r["eval_ema/count"] == 21 and r["eval_ema/loss"] != r["eval/loss"] for r in evals)
 
     with pytest.raises(_Crash):
         trainer.fit(fresh(), _crashing(src, 10), ev, workdir=tmp_path / "run")
@@ -80,7 +83,7 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
         assert ck.latest_step() == 8  # checkpoints at 4 and 8; step 9's metrics row is past it
     assert max(r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 10
 
-    trainer2, _ = _setup()  # a new process would rebuild everything
+    trainer2, _ = _setup(ema_decay=0.9)  # a new process would rebuild everything
     resumed, _ = trainer2.fit(fresh(), src, ev, workdir=tmp_path / "run")
     assert int(resumed.step) == 12
     for part in ("params", "batch_stats", "opt_state", "rng", "step"):

@@ -116,6 +116,33 @@ def test_frozen_parameters_stay_bit_identical(name):
     assert moments == n_train * (2 if name == "adamw" else 1)
 
 
+def test_weight_average_follows_its_recursion_and_keeps_frozen_leaves_exact():
+    """ema_decay d: the optimizer state holds e_t = e_{t-1} + (1 - d)(p_t - e_{t-1}) from e_0 = p_0, checked
+    against that recursion on the parameters the steps produced; a frozen leaf's average is the leaf itself."""
+    d = 0.8
+    mesh = train.make_mesh(1)
+    variables = init(Tiny(3))  # device arrays: the average must not share their buffers (the step donates both)
+    params = jax.device_get(variables["params"])
+    trainable = optim.trainable_mask(params, "partial", freeze_stages=2, stages=STAGES, head=HEAD)
+    cfg = OptimConfig(lr=0.5, weight_decay=0.1, ema_decay=d)
+    tx = optim.make_optimizer(cfg, params, total_steps=5, trainable=trainable)
+    assert optim.ema_params(optim.make_optimizer(OptimConfig(), params, total_steps=5).init(params)) is None
+    state = train.replicate(mesh, train.TrainState.create(Tiny(3, axis_name=train.AXIS).apply, variables, tx))
+    step = train.make_train_step(mesh, finetune.finetune_loss(trainable=trainable))
+    data = dataset(16)
+    want = params
+    for i in range(4):
+        state, _ = step(state, train.shard_batch(mesh, {k: v[i * 4 : (i + 1) * 4] for k, v in data.items()}))
+        want = jax.tree.map(lambda e, p: e + np.float32(1 - d) * (p - e), want, jax.device_get(state.params))
+    got = jax.device_get(optim.ema_params(state.opt_state))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert_bitwise_equal(got["layer1_0"], params["layer1_0"])  # frozen
+    assert not np.allclose(got["fc"]["kernel"], jax.device_get(state.params)["fc"]["kernel"])  # lags the weights
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        OptimConfig(ema_decay=1.0).validate()
+
+
 def test_layer_decay_scales_updates_and_clipping_bounds_them():
     params = {"a": {"kernel": jnp.ones((2, 2))}, "fc": {"kernel": jnp.ones((2, 2))}}
     grads = jax.tree.map(lambda p: 3.0 * jnp.ones_like(p), params)
