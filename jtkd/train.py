@@ -141,30 +141,37 @@ def make_train_step(
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     n = mesh.shape[AXIS]
 
-    def gradients(state: TrainState, batch: Batch, rng: jax.Array, extra: Any) -> tuple[Any, Any, Metrics]:
+    def gradients(
+        params: Any, state: TrainState, batch: Batch, rng: jax.Array, extra: Any
+    ) -> tuple[Any, Any, Metrics]:
         def objective(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
             loss, aux = loss_fn(params, state, batch, rng, extra)
-            # gradients of replicated params are summed over the axis; the micro-batches' are summed below
+            # summed over the devices (and the micro-batches): the global mean
             return loss / (n * accum_steps), aux
 
-        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
+        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(params)
         return grads, batch_stats, metrics
 
     def local_step(state: TrainState, batch: Batch, extra: Any) -> tuple[TrainState, Metrics]:
         rng = step_rng(state)
         if accum_steps == 1:
-            grads, batch_stats, metrics = gradients(state, batch, rng, extra)
+            grads, batch_stats, metrics = gradients(state.params, state, batch, rng, extra)
         else:
+            # Per-device copies of the parameters have per-device gradients: summed over the devices once,
+            # after the micro-batches, not (implicitly, as replicated parameters' are) in each of them.
+            local = jax.lax.pcast(state.params, AXIS, to="varying") if n > 1 else state.params
+
             def micro_step(carry: tuple[Any, Any], xs: tuple[jax.Array, Batch]) -> tuple[tuple[Any, Any], Metrics]:
                 total, stats = carry
                 i, micro = xs
-                g, stats, m = gradients(state.replace(batch_stats=stats), micro, jax.random.fold_in(rng, i), extra)
+                g, stats, m = gradients(local, state.replace(batch_stats=stats), micro, jax.random.fold_in(rng, i), extra)
                 return (jax.tree.map(jnp.add, total, g), stats), m
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, local)
             (grads, batch_stats), metrics = jax.lax.scan(
                 micro_step, (zeros, state.batch_stats), (jnp.arange(accum_steps), micro_batches(batch, accum_steps))
             )
+            grads = jax.lax.psum(grads, AXIS) if n > 1 else grads
             metrics = jax.tree.map(lambda m: m.mean(0), metrics)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -90,6 +90,26 @@ def test_accumulated_steps_do_not_depend_on_the_device_count():
     assert not np.allclose(h1[0]["loss"], hf[0]["loss"], rtol=1e-4)
 
 
+def test_accumulated_step_sums_gradients_over_devices_once():
+    """The k micro-batches' gradients are all-reduced once after the scan (as torch DDP's no_sync), not in
+    each micro-batch: inside the loop only BatchNorm's per-channel statistics (and metrics) cross devices."""
+    mesh = train.make_mesh(4)
+    model = models.create("resnet18", num_classes=5, axis_name=train.AXIS)
+    state = train.replicate(mesh, train.TrainState.create(model.apply, models.init(model, jax.random.key(0), 32),
+                                                          optax.sgd(0.01)))
+    batch = train.shard_batch(mesh, {"image": np.zeros((8, 32, 32, 3), np.float32), "label": np.zeros(8, np.int32)})
+    hlo = train.make_train_step(mesh, train.classification_loss(), accum_steps=2).lower(state, batch).compile().as_text()
+
+    def sizes(lines):
+        return [int(np.prod([int(d) for d in dims.split(",") if d]))
+                for line in lines for dims in re.findall(r"f32\[([\d,]*)\]", line.split(" all-reduce(")[0])]
+
+    reduces = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    in_loop = sizes(line for line in reduces if "while/body" in line)
+    assert in_loop and max(in_loop) <= 512, max(in_loop)  # BatchNorm statistics: at most 512 channels
+    assert max(sizes(reduces)) >= 512 * 512 * 9  # the gradients (layer4's 3x3 kernels), once, outside the loop
+
+
 def test_accumulation_with_inference_mode_batchnorm_equals_the_full_batch_step():
     """Without batch statistics every row's gradient is independent of the others: the mean over 4 micro-batches
     of their mean gradients is the full batch's (a missing or doubled 1/k would be off by 4x)."""
