@@ -380,7 +380,7 @@ class Distiller:
         s_vars = self.student_spec.variables(seed)
         variables = distill.init_student(self.student, s_vars, cfg.image_size, jax.random.key(seed + 1))
         tx = optim.make_optimizer(cfg.optim, variables["params"], total_steps=cfg.loop.steps)
-        state = train.TrainState.create(self.student.apply, variables, tx, seed=seed)
+        state = train.TrainState.create(self.student.apply, variables, tx, seed=seed, ema_decay=cfg.optim.ema_decay)
         state = train.replicate(self.mesh, state)
         extra = None if (self.cached or not self.t_mods) else train.replicate(self.mesh, self.t_vars)
         eval_data = EvalSource(self.eval_split.arrays, cfg.eval_batch_size)
@@ -389,9 +389,8 @@ class Distiller:
         state, _ = self.trainer.fit(state, self.data(seed), eval_data, workdir=workdir, extra=extra, desc=desc,
                                     config=run_cfg)
         final = self.trainer.evaluate(state, eval_data)
-        ema = optim.ema_params(state.opt_state)
-        ema_state = state.replace(params=ema) if ema is not None else None
-        if ema_state is not None:  # --optim.ema_decay: the student's averaged weights too
+        ema_state = state.averaged()
+        if ema_state is not None:  # --ema_decay: the student's averaged weights and statistics too
             final.update(self.trainer.evaluate(ema_state, eval_data, prefix="eval_ema/"))
         result = {
             "method": label or cfg.distill.method,

@@ -241,7 +241,7 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     elif job.distributed:
         jax.distributed.initialize()
 
-    from jtkd import checkpoint, finetune, optim, train
+    from jtkd import checkpoint, finetune, train
     from jtkd.loop import ArraySource, EvalSource, _info, setup_logging
 
     setup_logging()
@@ -301,8 +301,8 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     if tuner.probe and eval_src is not None and _in_memory(eval_src):
         results["final_eval_full_model"] = evaluator(final, {"image": eval_src.images, "label": eval_src.labels})
     exports = {"final": final}
-    if (ema := optim.ema_params(state.opt_state)) is not None:  # --optim.ema_decay: the averaged weights too
-        exports["final_ema"] = tuner.merge(variables, state.replace(params=ema))
+    if (averaged := state.averaged()) is not None:  # --ema_decay: the averaged weights and statistics too
+        exports["final_ema"] = tuner.merge(variables, averaged)
     if jax.process_index() == 0:
         for name, v in exports.items():
             checkpoint.save_variables(workdir / name, v)

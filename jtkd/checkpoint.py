@@ -42,11 +42,17 @@ def load_variables(path: str | Path, target: Any | None = None) -> Any:
 
 
 def state_to_tree(state: Any) -> dict[str, Any]:
-    """The checkpointable part of a TrainState as nested dicts (optax namedtuples become dicts)."""
-    return flax.serialization.to_state_dict(state)
+    """The checkpointable part of a TrainState as nested dicts (optax namedtuples become dicts). Without a
+    weight average, no 'ema' entry: such checkpoints are what they were before TrainState had one."""
+    tree = flax.serialization.to_state_dict(state)
+    if isinstance(tree, dict) and "ema" in tree and tree["ema"] is None:
+        del tree["ema"]
+    return tree
 
 
 def tree_to_state(template: Any, tree: dict[str, Any]) -> Any:
+    if isinstance(tree, dict) and "ema" not in tree and getattr(template, "ema", 0) is None:
+        tree = {**tree, "ema": None}
     return flax.serialization.from_state_dict(template, tree)
 
 

@@ -354,10 +354,11 @@ def create_state(
     tx: optax.GradientTransformation,
     image_size: int,
     seed: int = 0,
+    ema_decay: float = 0.0,
 ) -> TrainState:
     """A TrainState whose params hold the student and its connectors (both train)."""
     variables = init_student(module, student_vars, image_size, jax.random.key(seed + 1))
-    return TrainState.create(module.apply, variables, tx, seed=seed)
+    return TrainState.create(module.apply, variables, tx, seed=seed, ema_decay=ema_decay)
 
 
 def student_variables(state_or_vars: TrainState | Mapping[str, Any]) -> dict[str, Any]:

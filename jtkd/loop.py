@@ -58,7 +58,7 @@ import optax
 from jax.sharding import Mesh
 
 from jtkd import config as cfglib
-from jtkd import optim, train
+from jtkd import train
 from jtkd.checkpoint import CheckpointMismatchError, TrainCheckpointer
 
 Batch = dict[str, np.ndarray]
@@ -575,8 +575,8 @@ class Trainer:
                     bar.set_postfix(post)
                 if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
                     ev = {"step": step, **self._evaluate_any(state, eval_data, extra)}
-                    if (ema := optim.ema_params(state.opt_state)) is not None:  # the weights' moving average too
-                        ev.update(self._evaluate_any(state.replace(params=ema), eval_data, extra, "eval_ema/"))
+                    if (averaged := state.averaged()) is not None:  # the weights' moving average too
+                        ev.update(self._evaluate_any(averaged, eval_data, extra, "eval_ema/"))
                     writer.write(ev)
                     history.append(ev)
                     post["eval_acc"] = f"{ev.get('eval/accuracy', float('nan')):.4f}"

@@ -64,7 +64,8 @@ class OptimConfig:
     step_factor: float = 0.1  # step schedule: lr multiplier at each boundary
     grad_clip_norm: float = 0.0  # clip the global gradient norm (of trainable leaves) to this; 0 = off
     layer_decay: float = 1.0  # layer-wise lr decay: stage i of n gets lr * layer_decay**(n - i); 1 = off
-    # a moving average of the weights, evaluated and exported beside them (e.g. 0.999); 0 = off
+    # a moving average of the weights and BatchNorm statistics (train.TrainState.ema), evaluated and exported
+    # beside them (e.g. 0.999); 0 = off
     ema_decay: float = 0.0
 
     def validate(self) -> None:
@@ -297,41 +298,6 @@ def scale_by_tree(scales: PyTree) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-class EmaState(NamedTuple):
-    ema: PyTree
-
-
-def params_ema(decay: float) -> optax.GradientTransformation:
-    """A moving average of the parameters, kept in the optimizer state (checkpointed and resumed with it).
-
-    After each update, ema <- ema + (1 - decay) * (params + updates - ema): timm's ModelEmaV2, started at
-    the initial parameters. Last in a chain (it passes `updates` on unchanged, and averages the
-    parameters they produce); a leaf that never moves keeps an EMA bit-identical to it. BatchNorm
-    running statistics are not parameters: the EMA weights are evaluated with the model's own.
-    """
-    if not 0 < decay < 1:
-        raise ValueError(f"decay must be in (0, 1), got {decay}")
-
-    def init(params: PyTree) -> EmaState:
-        # a copy: a train step that donates its state must not meet one buffer twice
-        return EmaState(jax.tree.map(lambda p: jnp.array(p, copy=True), params))
-
-    def update(updates: PyTree, state: EmaState, params: PyTree | None = None) -> tuple[PyTree, EmaState]:
-        if params is None:
-            raise ValueError("params_ema needs the parameters: tx.update(grads, opt_state, params)")
-        new = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), state.ema, new)
-        return updates, EmaState(ema)
-
-    return optax.GradientTransformation(init, update)
-
-
-def ema_params(opt_state: Any) -> PyTree | None:
-    """The parameters' moving average in an optimizer state (`OptimConfig.ema_decay`), or None."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState)) if isinstance(s, EmaState)]
-    return found[0].ema if found else None
-
-
 def make_optimizer(
     cfg: OptimConfig,
     params: PyTree,
@@ -343,8 +309,8 @@ def make_optimizer(
     """The optax transformation for `cfg`.
 
     Order: clip the global norm -> (SGD: add L2 decay, momentum, -lr) | (AdamW: moments, decoupled
-    decay, -lr) -> layer-wise scale. Frozen leaves (trainable=False) get exactly zero updates. With
-    `ema_decay`, the parameters' moving average follows (`params_ema`, read back by `ema_params`).
+    decay, -lr) -> layer-wise scale. Frozen leaves (trainable=False) get exactly zero updates.
+    (`ema_decay` is not an update rule: `train.TrainState.create(..., ema_decay=...)` keeps the average.)
     """
     cfg.validate()
     schedule = make_schedule(cfg, total_steps)
@@ -364,15 +330,14 @@ def make_optimizer(
     if lr_scales is not None:
         parts.append(scale_by_tree(lr_scales))
     tx = optax.chain(*parts)
-    if trainable is not None:
-        if jax.tree.structure(trainable) != jax.tree.structure(params):
-            raise ValueError("`trainable` must have the structure of `params`")
-        labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
-        if "train" not in jax.tree.leaves(labels):
-            raise ValueError("every parameter is frozen: nothing to train")
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    # outside multi_transform: the average covers every parameter, frozen ones staying exactly as they are
-    return optax.chain(tx, params_ema(cfg.ema_decay)) if cfg.ema_decay else tx
+    if trainable is None:
+        return tx
+    if jax.tree.structure(trainable) != jax.tree.structure(params):
+        raise ValueError("`trainable` must have the structure of `params`")
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+    if "train" not in jax.tree.leaves(labels):
+        raise ValueError("every parameter is frozen: nothing to train")
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def count_params(params: PyTree, trainable: PyTree | None = None) -> tuple[int, int]:

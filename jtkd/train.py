@@ -47,25 +47,48 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data (checkpointable)
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    # a moving average of {'params', 'batch_stats'} (timm's ModelEmaV2), updated after every step as
+    # ema <- ema + (1 - ema_decay) * (new - ema) from the initial variables; None when ema_decay is 0
+    ema: Any = None
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @classmethod
     def create(
-        cls, apply_fn: Callable, variables: Mapping[str, Any], tx: optax.GradientTransformation, seed: int = 0
+        cls,
+        apply_fn: Callable,
+        variables: Mapping[str, Any],
+        tx: optax.GradientTransformation,
+        seed: int = 0,
+        ema_decay: float = 0.0,
     ) -> TrainState:
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         params = variables["params"]
+        batch_stats = variables.get("batch_stats", {})
+        # a copy: a step that donates its state must not meet one buffer twice
+        ema = jax.tree.map(lambda a: jnp.array(a, copy=True), {"params": params, "batch_stats": batch_stats})
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            batch_stats=variables.get("batch_stats", {}),
+            batch_stats=batch_stats,
             opt_state=tx.init(params),
             rng=jax.random.key_data(jax.random.key(seed)),
             apply_fn=apply_fn,
             tx=tx,
+            ema=ema if ema_decay else None,
+            ema_decay=ema_decay,
         )
 
     @property
     def variables(self) -> dict[str, Any]:
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def averaged(self) -> TrainState | None:
+        """This state with its moving-average weights and BatchNorm statistics in place of its own (to
+        evaluate or export them), or None without an average."""
+        if self.ema is None:
+            return None
+        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
 
 
 class LossFn(Protocol):
@@ -178,7 +201,13 @@ def make_train_step(
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics = jax.lax.pmean(metrics, AXIS)
-        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        ema = state.ema
+        if ema is not None:  # a leaf that does not move keeps an average bit-identical to it
+            keep = 1 - state.ema_decay
+            ema = jax.tree.map(lambda e, x: e + keep * (x - e), ema, {"params": params, "batch_stats": batch_stats})
+        new = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
+        )
         return new, metrics
 
     # On one device the gradients' implicit psum is an all-reduce over one participant, which XLA:CPU

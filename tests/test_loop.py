@@ -29,7 +29,7 @@ N_DEV = 4  # tests/conftest.py provides 4 fake CPU devices
 def _setup(steps=12, lr=0.05, num_classes=3, ema_decay=0.0, **loop_kw):
     mesh = train.make_mesh(N_DEV)
     model = Tiny(num_classes=num_classes, axis_name=train.AXIS)
-    cfg = optim.OptimConfig(optimizer="sgd", lr=lr, weight_decay=1e-3, warmup_steps=2, ema_decay=ema_decay)
+    cfg = optim.OptimConfig(optimizer="sgd", lr=lr, weight_decay=1e-3, warmup_steps=2)
     variables = jax.device_get(init(Tiny(num_classes)))  # host copies: the donated state never aliases them
     tx = optim.make_optimizer(cfg, variables["params"], total_steps=steps)
     kw = dict(steps=steps, log_every=2, eval_every=4, checkpoint_every=4, progress=False, async_checkpoint=True)
@@ -43,7 +43,7 @@ def _setup(steps=12, lr=0.05, num_classes=3, ema_decay=0.0, **loop_kw):
     )
 
     def fresh_state():
-        return train.replicate(mesh, train.TrainState.create(model.apply, variables, tx, seed=3))
+        return train.replicate(mesh, train.TrainState.create(model.apply, variables, tx, seed=3, ema_decay=ema_decay))
 
     return trainer, fresh_state
 

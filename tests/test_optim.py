@@ -117,30 +117,36 @@ def test_frozen_parameters_stay_bit_identical(name):
 
 
 def test_weight_average_follows_its_recursion_and_keeps_frozen_leaves_exact():
-    """ema_decay d: the optimizer state holds e_t = e_{t-1} + (1 - d)(p_t - e_{t-1}) from e_0 = p_0, checked
-    against that recursion on the parameters the steps produced; a frozen leaf's average is the leaf itself."""
+    """TrainState(ema_decay=d) holds e_t = e_{t-1} + (1 - d)(v_t - e_{t-1}) from e_0 = v_0 for the parameters and
+    the BatchNorm statistics (timm's ModelEmaV2), checked against that recursion on the variables the steps
+    produced; a frozen leaf's average is the leaf itself, bit for bit."""
     d = 0.8
     mesh = train.make_mesh(1)
     variables = init(Tiny(3))  # device arrays: the average must not share their buffers (the step donates both)
-    params = jax.device_get(variables["params"])
-    trainable = optim.trainable_mask(params, "partial", freeze_stages=2, stages=STAGES, head=HEAD)
-    cfg = OptimConfig(lr=0.5, weight_decay=0.1, ema_decay=d)
-    tx = optim.make_optimizer(cfg, params, total_steps=5, trainable=trainable)
-    assert optim.ema_params(optim.make_optimizer(OptimConfig(), params, total_steps=5).init(params)) is None
-    state = train.replicate(mesh, train.TrainState.create(Tiny(3, axis_name=train.AXIS).apply, variables, tx))
+    host = jax.device_get(variables)
+    trainable = optim.trainable_mask(host["params"], "partial", freeze_stages=2, stages=STAGES, head=HEAD)
+    tx = optim.make_optimizer(OptimConfig(lr=0.5, weight_decay=0.1), host["params"], total_steps=5, trainable=trainable)
+    state = train.TrainState.create(Tiny(3, axis_name=train.AXIS).apply, variables, tx, ema_decay=d)
+    assert train.TrainState.create(Tiny(3).apply, variables, tx).averaged() is None
+    state = train.replicate(mesh, state)
     step = train.make_train_step(mesh, finetune.finetune_loss(trainable=trainable))
     data = dataset(16)
-    want = params
+    want = host
     for i in range(4):
         state, _ = step(state, train.shard_batch(mesh, {k: v[i * 4 : (i + 1) * 4] for k, v in data.items()}))
-        want = jax.tree.map(lambda e, p: e + np.float32(1 - d) * (p - e), want, jax.device_get(state.params))
-    got = jax.device_get(optim.ema_params(state.opt_state))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        want = jax.tree.map(lambda e, v: e + np.float32(1 - d) * (v - e), want, jax.device_get(state.variables))
+    got = jax.device_get(state.averaged().variables)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert_bitwise_equal(got["layer1_0"], params["layer1_0"])  # frozen
-    assert not np.allclose(got["fc"]["kernel"], jax.device_get(state.params)["fc"]["kernel"])  # lags the weights
+    assert_bitwise_equal(got["params"]["layer1_0"], host["params"]["layer1_0"])  # frozen
+    now = jax.device_get(state.variables)
+    # the average lags the weights and the running statistics
+    assert not np.allclose(got["params"]["fc"]["kernel"], now["params"]["fc"]["kernel"])
+    assert not np.allclose(got["batch_stats"]["bn1"]["mean"], now["batch_stats"]["bn1"]["mean"])
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
         OptimConfig(ema_decay=1.0).validate()
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        train.TrainState.create(Tiny(3).apply, variables, tx, ema_decay=1.5)
 
 
 def test_layer_decay_scales_updates_and_clipping_bounds_them():
