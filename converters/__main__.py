@@ -3,9 +3,10 @@
 Converts a torchvision checkpoint to Flax variables, saves them as an orbax checkpoint in
 DIR/variables, and writes DIR/report.json: max abs logit difference against torch on a probe
 batch, parameter count, conversion seconds. The probe is Gaussian noise, or with --images your own
-photos (files or folders) preprocessed as torchvision's ImageNet evaluation does (resize, center crop,
-normalise): the report then also gives each image's top-5 classes in torch and in JAX, with
-probabilities, and how often they agree.
+photos (files or folders), preprocessed as the weights' own `transforms()` (with --weights) or
+torchvision's ImageNet evaluation at the probe size: the report then also gives each image's top-5
+classes in torch and in JAX, with probabilities, and how often they agree. Bad input (checkpoint or
+images) is reported before anything is written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -31,8 +32,8 @@ from converters.torchvision import (
     weights_entry,
 )
 from jtkd import checkpoint, models
-from jtkd.data.folder import IMG_EXTENSIONS, BadImageError, list_files, load_image
-from jtkd.data.transforms import center_crop, normalize, resize, to_float
+from jtkd.data.folder import IMG_EXTENSIONS, list_files, load_image
+from jtkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize, to_float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,32 +43,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--checkpoint", help="torch state_dict: .pth/.pt (loaded weights_only) or .safetensors")
     src.add_argument("--weights", help="torchvision weights: DEFAULT or an enum member name (needs internet)")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--probe-batch", type=int, default=2)
+    ap.add_argument("--probe-batch", type=int, default=2, help="noise probe: this many examples (not with --images)")
     ap.add_argument("--probe-size", type=int, nargs=2, metavar=("H", "W"),
-                    help="default: the model's input size (a ViT's: the checkpoint's image_size)")
+                    help="default: the model's input size (a ViT's: the checkpoint's image_size); with --images "
+                         "and --weights, the weights' own evaluation crop")
     ap.add_argument("--images", nargs="+", metavar="PATH",
                     help="probe with these images (files, or folders of them) instead of noise")
     args = ap.parse_args(argv)
     models.get_spec(args.name)  # unknown names: the list of supported ones
-    try:
+    try:  # everything that can fail on the input, before anything is written
+        files = image_files(args.images) if args.images else []
         sd = load_checkpoint(args.checkpoint) if args.checkpoint else download_weights(args.name, args.weights)
+        default = models.input_size(args.name, model_kwargs(args.name, sd))
+        if files:
+            (h, w), load, preprocessing = image_transform(args.name, args.weights, args.probe_size, default)
+            x = np.stack([load(f) for f in files])
+        else:
+            h, w = args.probe_size or (default, default)
+            x, preprocessing = parity.probe_batch(args.probe_batch, h, w), "gaussian noise"
         t0 = time.perf_counter()
         variables = convert(args.name, sd)
         seconds = time.perf_counter() - t0
     except (ConversionError, UnsafeCheckpointError, ValueError, FileNotFoundError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # BadImageError is a ValueError naming the file
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save_variables(out / "variables", variables)
 
-    h, w = args.probe_size or (models.input_size(args.name, model_kwargs(args.name, sd)),) * 2
-    try:
-        files = image_files(args.images) if args.images else []
-        x = np.stack([eval_image(f, h, w) for f in files]) if files else parity.probe_batch(args.probe_batch, h, w)
-    except (BadImageError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     model = parity.torch_model(args.name, sd)
     ref = parity.torch_logits(model, x)
     got = parity.flax_logits(args.name, variables, x)  # the module the variables' shapes imply
@@ -78,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "param_count": int(sum(np.size(p) for p in jax.tree.leaves(variables["params"]))),
         "batch_stats_count": int(sum(np.size(p) for p in jax.tree.leaves(variables["batch_stats"]))),
         "convert_seconds": round(seconds, 4),
-        "probe": "gaussian noise",
+        "probe": preprocessing,
         "probe_shape_nchw": list(x.shape),
         "max_abs_logit_diff": float(np.abs(ref - got).max()),
         "max_abs_logit": float(np.abs(ref).max()),  # the diff's scale
@@ -110,11 +113,28 @@ def image_files(paths: Sequence[str]) -> list[str]:
     return files
 
 
-def eval_image(path: str, h: int, w: int) -> np.ndarray:
-    """One NCHW-ready (3, h, w) float32 image: resize the shorter side to max(h, w) / 0.875, center crop,
-    ImageNet normalisation (torchvision's ImageNet evaluation transform at that size)."""
-    img = center_crop(resize(load_image(path), int(max(h, w) / 0.875)), (h, w))
-    return normalize(to_float(img)).transpose(2, 0, 1)
+def image_transform(
+    name: str, weights: str | None, size: Sequence[int] | None, default: int
+) -> tuple[tuple[int, int], Callable[[str], np.ndarray], str]:
+    """((h, w), path -> (3, h, w) float32 array, a description): with --weights (and no --probe-size) the
+    weights' own evaluation preset (its resize, crop, interpolation, mean and std, as
+    `weights.transforms()`); otherwise torchvision's ImageNet evaluation at the probe size (the shorter
+    side to max(h, w) / 0.875, bilinear, center crop)."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if weights and size is None:
+        preset = weights_entry(name, weights).transforms()
+        h = w = preset.crop_size[0]
+        resize_to, interpolation = preset.resize_size[0], preset.interpolation.value
+        mean, std = tuple(preset.mean), tuple(preset.std)
+    else:
+        h, w = size or (default, default)
+        resize_to, interpolation = int(max(h, w) / 0.875), "bilinear"
+
+    def load(path: str) -> np.ndarray:
+        img = center_crop(resize(load_image(path), resize_to, interpolation), (h, w))
+        return normalize(to_float(img), mean, std).transpose(2, 0, 1)
+
+    return (h, w), load, f"images: resize {resize_to} ({interpolation}), center crop {h}x{w}"
 
 
 def class_names(name: str, weights: str | None, num_classes: int) -> list[str] | None:
@@ -144,7 +164,6 @@ def image_report(files: list[str], ref: np.ndarray, got: np.ndarray, names: list
         return np.argsort(-p, axis=-1, kind="stable")[:, :5]
 
     return {
-        "probe": "images",
         "top1_agreement": float((p_ref.argmax(-1) == p_got.argmax(-1)).mean()),
         "top5_order_agreement": float((order(p_ref) == order(p_got)).all(-1).mean()),
         "class_names": "torchvision weights meta" if names else None,

@@ -262,7 +262,8 @@ def test_cli_probes_with_your_images(tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     files = [photos / "astronaut.png", photos / "chelsea.png", photos / "coffee.png", photos / "more" / "camera.jpg"]
     assert [r["file"] for r in report["images"]] == [str(f) for f in files]
-    assert report["probe"] == "images" and report["probe_shape_nchw"] == [4, 3, h, w]
+    assert report["probe"] == f"images: resize {int(w / 0.875)} (bilinear), center crop {h}x{w}"
+    assert report["probe_shape_nchw"] == [4, 3, h, w]
     assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-4
 
     categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
@@ -278,11 +279,31 @@ def test_cli_probes_with_your_images(tmp_path, capsys):
         assert row["max_abs_prob_diff"] < 1e-5
     assert "astronaut.png: torch" in capsys.readouterr().out
 
+    # bad images are found before anything is converted or written
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    argv[argv.index("--out") + 1] = str(tmp_path / "o2")
     assert cli_main([*argv, "--images", str(photos)]) == 2
     assert "broken.png" in capsys.readouterr().err
     assert cli_main([*argv, "--images", str(tmp_path / "nowhere")]) == 2
     assert "neither a file nor a folder" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "swin_t", "efficientnet_b0"])
+def test_cli_images_take_the_weights_own_evaluation_preset(name, tmp_path):
+    """With --weights, an image is preprocessed as `weights.transforms()` does (resnet50's V2 weights resize to
+    232, swin_t's bicubic, efficientnet_b0's bicubic to 256): the same array, from torchvision's metadata offline."""
+    from PIL import Image
+    from skimage import data as samples
+
+    from converters.__main__ import image_transform
+
+    Image.fromarray(samples.chelsea()).save(tmp_path / "cat.png")
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    (h, w), load, how = image_transform(name, "DEFAULT", None, 224)
+    want = preset(Image.open(tmp_path / "cat.png").convert("RGB")).numpy()
+    assert (h, w) == tuple(want.shape[1:]) and f"resize {preset.resize_size[0]} ({preset.interpolation.value})" in how
+    np.testing.assert_allclose(load(str(tmp_path / "cat.png")), want, atol=1e-6)
 
 
 def test_cli_offline_weights_message(tmp_path):
