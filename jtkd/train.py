@@ -38,7 +38,7 @@ Metrics = dict[str, jax.Array]
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a resumed run needs; `apply_fn` and `tx` are static (not checkpointed)."""
+    """Everything a resumed run needs; `apply_fn`, `tx` and `ema_decay` are static (not checkpointed)."""
 
     step: jax.Array
     params: Any
@@ -65,8 +65,9 @@ class TrainState:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         params = variables["params"]
         batch_stats = variables.get("batch_stats", {})
-        # a copy: a step that donates its state must not meet one buffer twice
-        ema = jax.tree.map(lambda a: jnp.array(a, copy=True), {"params": params, "batch_stats": batch_stats})
+        ema = None
+        if ema_decay:  # a copy: a step that donates its state must not meet one buffer twice
+            ema = jax.tree.map(lambda a: jnp.array(a, copy=True), {"params": params, "batch_stats": batch_stats})
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -75,7 +76,7 @@ class TrainState:
             rng=jax.random.key_data(jax.random.key(seed)),
             apply_fn=apply_fn,
             tx=tx,
-            ema=ema if ema_decay else None,
+            ema=ema,
             ema_decay=ema_decay,
         )
 
