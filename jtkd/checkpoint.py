@@ -42,17 +42,19 @@ def load_variables(path: str | Path, target: Any | None = None) -> Any:
 
 
 def state_to_tree(state: Any) -> dict[str, Any]:
-    """The checkpointable part of a TrainState as nested dicts (optax namedtuples become dicts). Without a
-    weight average, no 'ema' entry: such checkpoints are what they were before TrainState had one."""
+    """The checkpointable part of a TrainState as nested dicts (optax namedtuples become dicts). Fields that
+    are None (an optional part a run does not use, e.g. the weight average) are left out, so checkpoints of
+    runs without one keep the layout they had before the field existed."""
     tree = flax.serialization.to_state_dict(state)
-    if isinstance(tree, dict) and "ema" in tree and tree["ema"] is None:
-        del tree["ema"]
+    if isinstance(tree, dict):
+        tree = {k: v for k, v in tree.items() if v is not None}
     return tree
 
 
 def tree_to_state(template: Any, tree: dict[str, Any]) -> Any:
-    if isinstance(tree, dict) and "ema" not in tree and getattr(template, "ema", 0) is None:
-        tree = {**tree, "ema": None}
+    want = flax.serialization.to_state_dict(template)
+    if isinstance(tree, dict) and isinstance(want, dict):
+        tree = {**{k: None for k, v in want.items() if v is None}, **tree}
     return flax.serialization.from_state_dict(template, tree)
 
 

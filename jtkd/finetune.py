@@ -369,7 +369,7 @@ class Finetuner:
         # host copies: the train step donates its state, which must never alias the caller's arrays
         v = jax.device_get({"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
         state = train.TrainState.create(self._apply, v, self.tx, seed=self.cfg.seed if seed is None else seed,
-                                        ema_decay=self.cfg.optim.ema_decay)
+                                        ema_decay=self.cfg.optim.ema_decay, trainable=self.trainable)
         return train.replicate(self.mesh, state)
 
     def data(

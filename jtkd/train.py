@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -48,7 +49,8 @@ class TrainState:
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     # a moving average of {'params', 'batch_stats'} (timm's ModelEmaV2), updated after every step as
-    # ema <- ema + (1 - ema_decay) * (new - ema) from the initial variables; None when ema_decay is 0
+    # ema <- ema + (1 - ema_decay) * (new - ema) from the initial variables; None when ema_decay is 0.
+    # Its 'params' hold the trainable leaves only: a frozen leaf's average would be the leaf itself.
     ema: Any = None
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
@@ -60,14 +62,19 @@ class TrainState:
         tx: optax.GradientTransformation,
         seed: int = 0,
         ema_decay: float = 0.0,
+        trainable: Any = None,
     ) -> TrainState:
+        """`trainable`: a bool pytree like the params (`optim.trainable_mask`), None for all; the average
+        keeps only those parameters (and every BatchNorm statistic)."""
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         params = variables["params"]
         batch_stats = variables.get("batch_stats", {})
         ema = None
         if ema_decay:  # a copy: a step that donates its state must not meet one buffer twice
-            ema = jax.tree.map(lambda a: jnp.array(a, copy=True), {"params": params, "batch_stats": batch_stats})
+            ema = jax.tree.map(
+                lambda a: jnp.array(a, copy=True), {"params": _select(params, trainable), "batch_stats": batch_stats}
+            )
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -89,7 +96,26 @@ class TrainState:
         evaluate or export them), or None without an average."""
         if self.ema is None:
             return None
-        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
+        return self.replace(params=_overlay(self.params, self.ema["params"]), batch_stats=self.ema["batch_stats"])
+
+
+def _select(tree: Any, mask: Any) -> dict[str, Any]:
+    """The nested dict of `tree`'s leaves whose `mask` leaf is true (all of them for mask=None)."""
+    if mask is None:
+        return tree
+    flat, keep = flatten_dict(tree), flatten_dict(mask)
+    return unflatten_dict({k: v for k, v in flat.items() if keep[k]})
+
+
+def _overlay(tree: Any, part: Any) -> dict[str, Any]:
+    """`tree` with the leaves that `part` (a `_select` of it) holds replaced by part's."""
+    return unflatten_dict({**flatten_dict(tree, keep_empty_nodes=True), **flatten_dict(part)})
+
+
+def _like(tree: Any, part: Any) -> dict[str, Any]:
+    """The leaves of `tree` at the paths `part` has."""
+    flat = flatten_dict(tree)
+    return unflatten_dict({k: flat[k] for k in flatten_dict(part)})
 
 
 class LossFn(Protocol):
@@ -205,7 +231,8 @@ def make_train_step(
         ema = state.ema
         if ema is not None:  # a leaf that does not move keeps an average bit-identical to it
             keep = 1 - state.ema_decay
-            ema = jax.tree.map(lambda e, x: e + keep * (x - e), ema, {"params": params, "batch_stats": batch_stats})
+            new = {"params": _like(params, ema["params"]), "batch_stats": batch_stats}
+            ema = jax.tree.map(lambda e, x: e + keep * (x - e), ema, new)
         new = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
         )

@@ -119,15 +119,17 @@ def test_frozen_parameters_stay_bit_identical(name):
 def test_weight_average_follows_its_recursion_and_keeps_frozen_leaves_exact():
     """TrainState(ema_decay=d) holds e_t = e_{t-1} + (1 - d)(v_t - e_{t-1}) from e_0 = v_0 for the parameters and
     the BatchNorm statistics (timm's ModelEmaV2), checked against that recursion on the variables the steps
-    produced; a frozen leaf's average is the leaf itself, bit for bit."""
+    produced; a frozen leaf is not copied into the average, whose frozen leaves are the leaf itself, bit for bit."""
     d = 0.8
     mesh = train.make_mesh(1)
     variables = init(Tiny(3))  # device arrays: the average must not share their buffers (the step donates both)
     host = jax.device_get(variables)
     trainable = optim.trainable_mask(host["params"], "partial", freeze_stages=2, stages=STAGES, head=HEAD)
     tx = optim.make_optimizer(OptimConfig(lr=0.5, weight_decay=0.1), host["params"], total_steps=5, trainable=trainable)
-    state = train.TrainState.create(Tiny(3, axis_name=train.AXIS).apply, variables, tx, ema_decay=d)
+    state = train.TrainState.create(Tiny(3, axis_name=train.AXIS).apply, variables, tx, ema_decay=d, trainable=trainable)
     assert train.TrainState.create(Tiny(3).apply, variables, tx).averaged() is None
+    frozen = {k for k, v in trainable.items() if not any(jax.tree.leaves(v))}
+    assert frozen and set(state.ema["params"]) == set(host["params"]) - frozen
     state = train.replicate(mesh, state)
     step = train.make_train_step(mesh, finetune.finetune_loss(trainable=trainable))
     data = dataset(16)
