@@ -444,10 +444,13 @@ class Trainer:
         config: LoopConfig = LoopConfig(),
         schedule: optax.Schedule | None = None,
         donate: bool = True,
+        batch_transform: Callable[[Batch, jax.Array], Batch] | None = None,
     ) -> None:
         config.validate()
         self.mesh, self.config, self.schedule = mesh, config, schedule
-        self.train_step = train.make_train_step(mesh, loss_fn, donate=donate, accum_steps=config.accum_steps)
+        self.train_step = train.make_train_step(
+            mesh, loss_fn, donate=donate, accum_steps=config.accum_steps, batch_transform=batch_transform
+        )
         self.eval_step = train.make_eval_step(mesh, eval_fn) if eval_fn is not None else None
 
     # ------------------------------------------------------------------------------ evaluate

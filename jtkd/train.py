@@ -32,7 +32,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jtkd import mixup
+
 AXIS = "data"
+_BATCH_STREAM = 0x7FFFFFFF  # folded where `step_rng` folds a device index: a stream no device's key uses
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -163,6 +166,12 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(key, jax.lax.axis_index(AXIS))
 
 
+def batch_rng(state: TrainState) -> jax.Array:
+    """A fresh key per step, the same on every device (one draw per global batch, e.g. MixUp's lambda)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return jax.random.fold_in(key, _BATCH_STREAM)
+
+
 def micro_batches(batch: Batch, accum_steps: int) -> Batch:
     """Each (rows, ...) leaf as (accum_steps, rows / accum_steps, ...): micro-batch j holds rows j, j + k, ..."""
 
@@ -178,12 +187,17 @@ def micro_batches(batch: Batch, accum_steps: int) -> Batch:
 
 
 def make_train_step(
-    mesh: Mesh, loss_fn: LossFn, donate: bool = True, accum_steps: int = 1
+    mesh: Mesh,
+    loss_fn: LossFn,
+    donate: bool = True,
+    accum_steps: int = 1,
+    batch_transform: Callable[[Batch, jax.Array], Batch] | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """jit(shard_map(step)): `step(state, batch, extra=None) -> (state, metrics)`.
 
     `loss_fn` sees the local shard (a micro-batch of it with `accum_steps` > 1: see the module
-    docstring); `extra` is a replicated pytree passed through untouched (e.g. a frozen teacher's
+    docstring); `batch_transform(shard, key)` runs on the whole local shard first, with a key that is
+    the same on every device (e.g. `mixup.make_batch_transform`); `extra` is a replicated pytree passed through untouched (e.g. a frozen teacher's
     variables) so it is an argument, not a compile-time constant. Metrics are averaged over devices
     and micro-batches.
     """
@@ -203,6 +217,8 @@ def make_train_step(
         return grads, batch_stats, metrics
 
     def local_step(state: TrainState, batch: Batch, extra: Any) -> tuple[TrainState, Metrics]:
+        if batch_transform is not None:
+            batch = batch_transform(batch, batch_rng(state))
         rng = step_rng(state)
         if accum_steps == 1:
             grads, batch_stats, metrics = gradients(state.params, state, batch, rng, extra)
@@ -263,10 +279,12 @@ def make_eval_step(mesh: Mesh, metrics_fn: Callable[[TrainState, Batch, Any], Me
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Mean over the batch of -sum_c q_c log softmax(logits)_c, with q = (1-eps)*onehot(y) + eps/C
-    (torch's `label_smoothing`)."""
+    """Mean over the batch of -sum_c q_c log softmax(logits)_c, with q = (1-eps)*t + eps/C where t is
+    onehot(labels) for integer labels or `labels` itself for class probabilities (torch's
+    `CrossEntropyLoss(label_smoothing=eps)` on either kind of target)."""
     num_classes = logits.shape[-1]
-    q = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    t = labels if jnp.issubdtype(labels.dtype, jnp.floating) else jax.nn.one_hot(labels, num_classes)
+    q = optax.smooth_labels(t, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), q).mean()
 
 
@@ -291,8 +309,8 @@ def classification_loss(label_smoothing: float = 0.0, train_mode: bool = True) -
         logits, batch_stats = forward(state, params, batch["image"], rng, train_mode)
         if isinstance(logits, tuple):  # models with auxiliary heads: the main logits drive the loss
             logits = logits[0]
-        loss = cross_entropy(logits, batch["label"], label_smoothing)
-        acc = (logits.argmax(-1) == batch["label"]).mean()
+        loss = cross_entropy(logits, mixup.targets(batch, logits.shape[-1]), label_smoothing)
+        acc = (logits.argmax(-1) == batch["label"]).mean()  # of the unmixed labels with MixUp / CutMix
         return loss, (batch_stats, {"loss": loss, "accuracy": acc})
 
     return loss_fn

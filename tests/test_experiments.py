@@ -55,6 +55,12 @@ def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
         "0.1",
         "--ema_decay",
         "0.5",
+        "--mixup_alpha",
+        "0.2",
+        "--cutmix_alpha",
+        "1.0",
+        "--accum_steps",
+        "2",
     ]
     res = finetune.main(argv)
     assert res["steps"] == 3 and res["num_classes"] == 10 and 0 < res["trainable_params"] < res["total_params"]
@@ -70,7 +76,10 @@ def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
     model.load_state_dict(ema, strict=True)
     final = torch.load(run / "final.pth", weights_only=True)
     assert not torch.equal(ema["fc.weight"], final["fc.weight"]) and torch.equal(ema["conv1.weight"], final["conv1.weight"])
-    assert json.loads((run / "config.json").read_text())["finetune"]["optim"]["optimizer"] == "adamw"
+    saved = json.loads((run / "config.json").read_text())["finetune"]
+    assert saved["optim"]["optimizer"] == "adamw" and (saved["mixup_alpha"], saved["cutmix_alpha"]) == (0.2, 1.0)
+    losses = [r["train/loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "train/loss" in r]
+    assert len(losses) == 3 and np.isfinite(losses).all()
     again = finetune.main(argv)  # the same command again: resumes at the end, nothing left to do
     assert again["final_eval"] == res["final_eval"]
 
@@ -85,6 +94,7 @@ def test_finetune_cli_bad_input(tmp_path, capsys):
         (["--data", "mnist"], "error: --data must be tfds:NAME, folder:PATH or digits; got 'mnist'"),
         (["--batch_size", "64", "--accum_steps", "3"], "error: batch_size 64 does not divide into loop.accum_steps=3"),
         (["--lr", "fast"], "error: --finetune.optim.lr: expected float, got 'fast'"),
+        (["--cutmix_alpha", "-1"], "error: cutmix_alpha must be >= 0, got -1.0"),
     ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
