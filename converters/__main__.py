@@ -154,18 +154,19 @@ def image_report(files: list[str], ref: np.ndarray, got: np.ndarray, names: list
         p = np.exp(logits - logits.max(-1, keepdims=True))
         return p / p.sum(-1, keepdims=True)
 
-    def top5(p: np.ndarray) -> list[list]:
-        return [[names[c] if names else int(c), round(float(p[c]), 6)] for c in np.argsort(-p, kind="stable")[:5]]
-
     p_ref, p_got = softmax(ref.astype(np.float64)), softmax(got.astype(np.float64))
-    rows = [{"file": f, "torch_top5": top5(r), "jax_top5": top5(g), "max_abs_prob_diff": float(np.abs(r - g).max())}
-            for f, r, g in zip(files, p_ref, p_got)]
-    def order(p: np.ndarray) -> np.ndarray:
-        return np.argsort(-p, axis=-1, kind="stable")[:, :5]
+    o_ref, o_got = (np.argsort(-p, axis=-1, kind="stable")[:, :5] for p in (p_ref, p_got))
 
+    def top5(p: np.ndarray, order: np.ndarray) -> list[list]:
+        return [[names[c] if names else int(c), round(float(p[c]), 6)] for c in order]
+
+    rows = [
+        {"file": f, "torch_top5": top5(r, a), "jax_top5": top5(g, b), "max_abs_prob_diff": float(np.abs(r - g).max())}
+        for f, r, g, a, b in zip(files, p_ref, p_got, o_ref, o_got)
+    ]
     return {
         "top1_agreement": float((p_ref.argmax(-1) == p_got.argmax(-1)).mean()),
-        "top5_order_agreement": float((order(p_ref) == order(p_got)).all(-1).mean()),
+        "top5_order_agreement": float((o_ref == o_got).all(-1).mean()),
         "class_names": "torchvision weights meta" if names else None,
         "images": rows,
     }

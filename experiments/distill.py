@@ -328,6 +328,9 @@ class Distiller:
     ) -> None:
         self.cfg, self.eval_split, self.teachers, self.stream = cfg, eval_split, teachers, stream
         self.mesh = train.make_mesh(cfg.num_devices or None)
+        rows = cfg.batch_size + ((cfg.transfer_batch_size or cfg.batch_size) if transfer is not None else 0)
+        what = "batch_size + transfer_batch_size" if transfer is not None else "batch_size"
+        train.check_batch_size(self.mesh, rows, cfg.loop.accum_steps, what)
         self.objective = distill.make_objective(cfg.distill)
         self.num_classes = eval_split.num_classes
         t_mods = teachers.modules if (teachers and self.objective.needs_teacher) else []

@@ -304,11 +304,11 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     if (averaged := state.averaged()) is not None:  # --ema_decay: the averaged weights and statistics too
         exports["final_ema"] = tuner.merge(variables, averaged)
     if jax.process_index() == 0:
+        from converters.torchvision import to_torch
+
         for name, v in exports.items():
             checkpoint.save_variables(workdir / name, v)
             if job.export_torch:
-                from converters.torchvision import to_torch
-
                 torch.save(to_torch(ft.model, v), workdir / f"{name}.pth")
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     _info(f"done: {json.dumps(results.get('final_eval', {}))} -> {workdir}")

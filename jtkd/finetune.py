@@ -321,6 +321,7 @@ class Finetuner:
         from converters.torchvision import flax_module
 
         self.cfg, self.num_classes, self.mesh = cfg, num_classes, mesh
+        train.check_batch_size(mesh, cfg.batch_size, cfg.loop.accum_steps)
         self.probe = cfg.mode == "linear" and cfg.precompute_features
         dtype = cfg.compute_dtype
         stages = cfg.stages or None

@@ -143,6 +143,19 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def check_batch_size(mesh: Mesh, rows: int, accum_steps: int = 1, what: str = "batch_size") -> None:
+    """A clear error, before anything is built, when a global batch of `rows` does not split evenly over
+    the mesh's devices, or a device's share into `accum_steps` micro-batches."""
+    n = mesh.shape[AXIS]
+    if rows % n:
+        raise ValueError(f"{what}={rows} does not split over {n} devices: use a multiple of {n} (or fewer devices)")
+    if (rows // n) % accum_steps:
+        raise ValueError(
+            f"{what}={rows} gives {rows // n} rows per device, which accum_steps={accum_steps} micro-batches do not "
+            f"divide: use a multiple of {n * accum_steps}"
+        )
+
+
 def shard_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Split a host batch along its leading axis over the mesh.
 

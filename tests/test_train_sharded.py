@@ -132,6 +132,18 @@ def test_accumulation_rejects_a_batch_it_cannot_split():
         step(state, train.shard_batch(mesh, {"x": np.ones((8, 2), np.float32)}))
     with pytest.raises(ValueError, match="accum_steps must be >= 1"):
         train.make_train_step(mesh, loss_fn, accum_steps=0)
+    # checked up front by the fine-tuning and distillation setups, before models are built
+    train.check_batch_size(mesh, 12, 3)
+    with pytest.raises(ValueError, match=r"batch_size=8 gives 4 rows per device, which accum_steps=3 .* multiple of 6"):
+        train.check_batch_size(mesh, 8, 3)
+    with pytest.raises(ValueError, match="batch_size=7 does not split over 2 devices"):
+        train.check_batch_size(mesh, 7)
+    from jtkd.finetune import FinetuneConfig, Finetuner
+    from jtkd.loop import LoopConfig
+
+    cfg = FinetuneConfig(mode="scratch", batch_size=8, image_size=32, loop=LoopConfig(accum_steps=4))
+    with pytest.raises(ValueError, match="batch_size=8 gives 2 rows per device"):
+        Finetuner(cfg, models.init("resnet18", jax.random.key(0), 32, num_classes=3), 3, train.make_mesh(4))
 
 
 def test_accumulated_step_equals_torch_gradient_accumulation():
