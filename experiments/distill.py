@@ -11,7 +11,9 @@ to a torchvision state_dict. Options are the fields of `DistillRun` (dotted or s
 --method kd|dkd|fitnet|at|rkd|pkt|sp|lskd|ce (or 'kd+at': CE + sum of lambda_i * term_i), --weights,
 --ce_weight, --temperature, --labels_per_class (few labels; the rest of the train split becomes an
 unlabelled transfer set that only the distillation terms see; each step takes --batch_size labelled
-and --transfer_batch_size transfer rows), --augment, --teacher a,b (several
+and --transfer_batch_size transfer rows), --augment, --mixup_alpha / --cutmix_alpha (MixUp / CutMix in the
+step, teacher and student on the same mixed images: `--method kd --ce_weight 0 --mixup_alpha 1` is
+Beyer et al. 2022's function matching), --teacher a,b (several
 teachers: averaged softened distributions), --data digits | tfds:NAME | folder:PATH.
 
 Teachers: NAME:CKPT with a torch state_dict (.pth/.safetensors, loaded weights_only, converted
@@ -74,7 +76,7 @@ import torch
 
 from jtkd import config as cfglib
 from jtkd.xla_flags import use_cpu_flags
-from jtkd import data, distill, models, optim, train
+from jtkd import data, distill, mixup, models, optim, train
 from jtkd.data.folder import FolderOptions
 from jtkd.distill import DistillConfig
 from jtkd.loop import ArraySource, EvalSource, LoopConfig, Trainer, classification_eval, read_jsonl
@@ -97,6 +99,10 @@ class DistillRun:
     labels_per_class: int = 0  # > 0: few-label regime; the rest of the train split is unlabelled transfer data
     augment: bool = False  # digits: random 2-pixel shifts; tfds/folder: RandomResizedCrop + flip
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    # MixUp / CutMix in the step (jtkd.mixup), teacher and student on the same mixed images: the teacher
+    # runs live (no cached outputs); with kd and ce_weight 0 this is Beyer et al.'s function matching
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     cache_teacher: bool = True  # no augmentation: compute the teacher's outputs once, not every step
     batch_size: int = 64  # labelled rows per step
     transfer_batch_size: int = 0  # with --labels_per_class: unlabelled transfer rows added to each step (0: batch_size)
@@ -130,6 +136,10 @@ class DistillRun:
             # each micro-batch takes every k-th row: labelled and transfer rows split evenly among them
             raise ValueError(f"batch_size ({self.batch_size}) and transfer_batch_size "
                              f"({self.transfer_batch_size or self.batch_size}) must divide by loop.accum_steps={k}")
+        mixup.make_batch_transform(self.mixup_alpha, self.cutmix_alpha)  # checks the alphas
+        if (self.mixup_alpha or self.cutmix_alpha) and "dkd" in self.distill.method.split("+"):
+            raise ValueError("DKD needs one target class per image, which MixUp / CutMix images do not have: "
+                             "use kd, lskd or a feature method with --mixup_alpha / --cutmix_alpha")
         kind = self.data.split(":", 1)[0]
         if kind not in ("digits", "tfds", "folder") or (kind != "digits" and ":" not in self.data):
             raise ValueError(f"--data must be digits, tfds:NAME or folder:PATH, got {self.data!r}")
@@ -338,7 +348,8 @@ class Distiller:
         if self.objective.needs_teacher and not t_mods:
             raise ValueError(f"method {cfg.distill.method!r} needs a teacher")
         self.t_mods, self.t_vars = t_mods, t_vars
-        self.cached = bool(t_mods) and cfg.cache_teacher and not cfg.augment and stream is None
+        mix = mixup.make_batch_transform(cfg.mixup_alpha, cfg.cutmix_alpha, axis_name=train.AXIS)
+        self.cached = bool(t_mods) and cfg.cache_teacher and not cfg.augment and stream is None and mix is None
         self.train_split, self.transfer = self._with_teacher(train_split), self._with_teacher(transfer)
         n_train = (self.transfer or self.train_split).n if stream is None else len(stream)
         self.steps_per_epoch = max(1, math.floor(n_train / cfg.batch_size))
@@ -346,7 +357,9 @@ class Distiller:
         self.student = distill.build_student(self.student_spec.module(), self.objective, t_mods, t_vars, cfg.image_size)
         self.schedule = optim.make_schedule(cfg.optim, cfg.loop.steps)
         loss_fn = distill.distill_loss(self.objective, t_mods, steps_per_epoch=self.steps_per_epoch)
-        self.trainer = Trainer(self.mesh, loss_fn, classification_eval(), config=cfg.loop, schedule=self.schedule)
+        self.trainer = Trainer(
+            self.mesh, loss_fn, classification_eval(), config=cfg.loop, schedule=self.schedule, batch_transform=mix
+        )
 
     def _with_teacher(self, split: Split | None, previous: Split | None = None) -> Split | None:
         """`split` plus the teacher's precomputed outputs (no augmentation: they never change);

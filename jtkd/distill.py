@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtkd import losses, models
+from jtkd import losses, mixup, models
 from jtkd.models import collect_features, layers
 from jtkd.train import AXIS, Batch, LossFn, Metrics, TrainState
 
@@ -419,10 +419,18 @@ def _teacher_views(objective: Objective, teachers: Sequence[nn.Module], extra: A
     return views
 
 
-def _head_labels(batch: Batch, task: str | None) -> Array:
-    if task is not None and f"label/{task}" in batch:
-        return batch[f"label/{task}"]
-    return batch["label"]
+def _head_label_key(batch: Batch, task: str | None) -> str:
+    return f"label/{task}" if task is not None and f"label/{task}" in batch else "label"
+
+
+def _check_mixable(objective: Objective, batch: Batch) -> None:
+    """MixUp / CutMix batches need the teacher live on the mixed images, and a target class per image."""
+    if CACHED_LOGITS in batch:
+        raise ValueError("a mixed (MixUp / CutMix) batch cannot use cached teacher outputs: they are of the unmixed "
+                         "images; run the teacher in the step (cache_teacher false)")
+    if any(t.name == "dkd" for t in objective.terms):
+        raise ValueError("DKD splits the logits at one target class per image, which a mixed (MixUp / CutMix) "
+                         "image does not have; use kd, lskd or a feature method with mixing")
 
 
 def _gather(feats: Mapping[str, Array], names: Sequence[str], axis_name: str) -> dict[str, Array]:
@@ -464,6 +472,11 @@ def distill_loss(
     prediction there. Relational terms (RKD, PKT) compare all pairs of the *global* batch: their
     embeddings are gathered over `axis_name`, so the loss does not depend on the number of devices.
     Teacher outputs precomputed by `teacher_outputs` (no augmentation) replace the teacher passes.
+
+    A batch mixed by `jtkd.mixup` (MixUp / CutMix in the step): teachers and student see the same mixed
+    images (Beyer et al. 2022's "function matching" with kd), CE is on the mixed soft targets of rows
+    whose partner is labelled too, and accuracies are of the rows' own labels. Cached teacher outputs and
+    DKD are refused with mixing.
     """
     n_t = len(teachers)
     tw = objective.teacher_weights
@@ -475,6 +488,8 @@ def distill_loss(
 
     def loss_fn(params: Any, state: TrainState, batch: Batch, rng: Array, extra: Any) -> tuple[Array, tuple[Any, Metrics]]:
         epoch = state.step // steps_per_epoch + 1
+        if mixup.is_mixed(batch):
+            _check_mixable(objective, batch)
         t_views = _teacher_views(objective, teachers, extra, batch) if objective.needs_teacher else []
 
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -507,13 +522,18 @@ def distill_loss(
                 t_probs = sum(w[i] * jax.nn.softmax(v.logits) for i, v in enumerate(t_views))
             else:
                 t_probs = None
-            y = _head_labels(batch, head_tasks[k]).astype(jnp.int32)
+            key = _head_label_key(batch, head_tasks[k])
+            y = batch[key].astype(jnp.int32)
             valid = y >= 0
             # unlabelled rows: the teacher's prediction is DKD's target class (a dummy 0 without teachers)
             y = jnp.where(valid, y, t_probs.argmax(-1) if t_probs is not None else 0)
             targets.append(y)
-            q = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), objective.label_smoothing)
-            ce_k = _masked_mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), q), valid, axis_name)
+            if mixup.is_mixed(batch):  # CE on the mixed targets of rows whose partner is labelled too
+                ce_rows, t = valid & (batch[f"{key}_mix"] >= 0), mixup.targets(batch, logits.shape[-1], key)
+            else:
+                ce_rows, t = valid, jax.nn.one_hot(y, logits.shape[-1])
+            q = optax.smooth_labels(t, objective.label_smoothing)
+            ce_k = _masked_mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), q), ce_rows, axis_name)
             ce = ce + (w[k] * ce_k if multi_head else ce_k)
             suffix = f"/{head_tasks[k] or k}" if multi_head else ""
             pred = logits.argmax(-1)

@@ -15,7 +15,8 @@ depend on how many devices the batch is split over.
 
 `make_batch_transform` gives the function `train.make_train_step(..., batch_transform=...)` applies to
 each device's shard: the images are mixed in place and the batch gains 'label_mix' (the partner rows'
-labels) and 'mix_lam' (lambda per row); `targets` turns them into q for the loss.
+labels; 'label/<task>_mix' for each task of a multi-task batch) and 'mix_lam' (lambda per row); `targets`
+turns them into q for the loss.
 """
 
 from __future__ import annotations
@@ -109,22 +110,27 @@ def make_batch_transform(
             raise TypeError(f"mixing needs floating-point images, got batch[{image_key!r}] of {images.dtype}")
         mix = draw(key, mixup_alpha, cutmix_alpha, images.shape[1], images.shape[2])
         mixed, lam = mix_images(images, roll_rows(images, axis_name), mix)
-        labels = batch[label_key]
-        return {
-            **batch,
-            image_key: mixed,
-            "label_mix": roll_rows(labels, axis_name),
-            "mix_lam": jnp.broadcast_to(lam, labels.shape[:1]),
-        }
+        partners = {f"{k}_mix": roll_rows(v, axis_name) for k, v in batch.items() if _is_label(k, label_key)}
+        return {**batch, image_key: mixed, **partners, "mix_lam": jnp.broadcast_to(lam, images.shape[:1])}
 
     return transform
 
 
+def _is_label(key: str, label_key: str) -> bool:
+    return key == label_key or key.startswith(label_key + "/")  # 'label' and a multi-task batch's 'label/<task>'
+
+
+def is_mixed(batch: Mapping[str, jax.Array]) -> bool:
+    return "mix_lam" in batch
+
+
 def targets(batch: Batch, num_classes: int, label_key: str = "label") -> jax.Array:
     """The batch's class targets: its integer labels, or for a mixed batch the probabilities
-    q = lambda * onehot(label) + (1 - lambda) * onehot(label_mix) (torchvision's label mixing)."""
+    q = lambda * onehot(label) + (1 - lambda) * onehot(label_mix) (torchvision's label mixing; a label
+    < 0, unlabelled, contributes nothing)."""
     labels = batch[label_key]
-    if "mix_lam" not in batch:
+    if not is_mixed(batch):
         return labels
     lam = batch["mix_lam"][:, None]
-    return jax.nn.one_hot(batch["label_mix"], num_classes) * (1 - lam) + jax.nn.one_hot(labels, num_classes) * lam
+    partner = batch[f"{label_key}_mix"]
+    return jax.nn.one_hot(partner, num_classes) * (1 - lam) + jax.nn.one_hot(labels, num_classes) * lam

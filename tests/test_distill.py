@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from jtkd import distill, losses, models, train
+from jtkd import distill, losses, mixup, models, train
 from jtkd.distill import DistillConfig
 from jtkd.models import layers
 
@@ -293,3 +293,42 @@ def test_student_variables_drop_connectors():
     sv = distill.student_variables(state)
     assert set(state.params) == {"student", "connector"}
     assert set(sv["params"]) == {"conv1", "bn1", "conv2", "bn2", "fc"}
+
+
+@pytest.mark.parametrize("alphas", [(0.4, 0.0), (0.0, 1.0)], ids=["mixup", "cutmix"])
+def test_mixed_batches_teacher_and_student_see_the_same_mixed_images(alphas):
+    """MixUp / CutMix in the step: the teacher's logits are of the mixed images, CE is on the mixed soft
+    targets of the rows whose partner is labelled too (4 devices: partners cross shard boundaries)."""
+    mesh, objective, _, state, _, t_mods, t_vars = _setup("kd", 4)
+    mix = mixup.make_batch_transform(*alphas, axis_name=train.AXIS)
+    step = train.make_train_step(mesh, distill.distill_loss(objective, t_mods), donate=False, batch_transform=mix)
+    batch = _batch(12)
+    labelled = np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)  # row 3's partner (row 2) is unlabelled: no CE on row 3
+    batch["label"] = np.where(labelled, batch["label"], -1).astype(np.int32)
+    with jax.default_matmul_precision("highest"):
+        _, m = step(train.replicate(mesh, state), train.shard_batch(mesh, batch), train.replicate(mesh, t_vars))
+        mixed = mixup.make_batch_transform(*alphas, axis_name=None)(batch, train.batch_rng(state))
+        x = np.asarray(mixed["image"])
+        assert not np.allclose(x, batch["image"])
+        s_logits = _plain_student().apply(state.variables, x, train=True, mutable=["batch_stats"])[0]
+        t_logits = t_mods[0].apply(t_vars[0], x, train=False)
+        rows = labelled & np.roll(labelled, 1)
+        q = np.asarray(mixup.targets(mixed, NCLS))[rows]
+        ce = optax.softmax_cross_entropy(s_logits[rows], q).mean()
+        kd_unmixed_teacher = losses.kd_loss(s_logits, t_mods[0].apply(t_vars[0], batch["image"], train=False), 4.0)
+    np.testing.assert_allclose(m["ce"], ce, rtol=1e-5)
+    np.testing.assert_allclose(m["loss_kd"], losses.kd_loss(s_logits, t_logits, 4.0), rtol=1e-4)
+    assert abs(float(m["loss_kd"]) / float(kd_unmixed_teacher) - 1) > 1e-3  # 10x the tolerance above
+    acc = (np.asarray(s_logits).argmax(-1) == batch["label"])[labelled].mean()  # of the rows' own labels
+    assert float(m["accuracy"]) == pytest.approx(acc)
+
+
+def test_mixing_refuses_dkd_and_cached_teacher_outputs():
+    mix = mixup.make_batch_transform(0.4, axis_name=train.AXIS)
+    batch = _batch(13)
+    for method, cache in (("dkd", False), ("kd", True)):
+        mesh, objective, _, state, _, t_mods, t_vars = _setup(method, 1)
+        step = train.make_train_step(mesh, distill.distill_loss(objective, t_mods), donate=False, batch_transform=mix)
+        b = dict(batch, **distill.teacher_outputs(t_mods, t_vars, batch["image"])) if cache else batch
+        with pytest.raises(ValueError, match="DKD splits" if method == "dkd" else "cannot use cached teacher outputs"):
+            step(train.replicate(mesh, state), train.shard_batch(mesh, b), train.replicate(mesh, t_vars))

@@ -26,6 +26,25 @@ def test_cli_parses_into_typed_config():
         cfglib.parse_args(exp.DistillRun(), ["--data", "imagenet"])
     with pytest.raises(cfglib.ConfigError, match="unknown option"):
         cfglib.parse_args(exp.DistillRun(), ["--tempreature", "3"])
+    with pytest.raises(ValueError, match="DKD needs one target class per image"):
+        cfglib.parse_args(exp.DistillRun(), ["--method", "dkd", "--cutmix_alpha", "1"])
+    with pytest.raises(ValueError, match="mixup_alpha must be >= 0"):
+        cfglib.parse_args(exp.DistillRun(), ["--mixup_alpha", "-0.1"])
+
+
+def test_function_matching_run_mixes_with_the_teacher_live(tmp_path):
+    """kd with ce_weight 0 and MixUp / CutMix: the teacher runs on the mixed images in the step (cached
+    outputs, the default without augmentation, would be of unmixed images and the step refuses them)."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "teacher.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), ckpt)
+    res = exp.main(["--teacher", f"resnet18:{ckpt}", "--student", "resnet18", "--student_width", "8", "--method", "kd",
+                    "--ce_weight", "0", "--mixup_alpha", "1", "--cutmix_alpha", "1", "--data", "digits",
+                    "--image_size", "16", "--batch_size", "16", "--steps", "2", "--log_every", "1", "--eval_every", "0",
+                    "--no-progress", "--workdir", str(tmp_path / "run")])
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["train/loss_kd"]) and r["train/loss_kd"] > 0 for r in rows)
+    assert 0 <= res["accuracy"] <= 1
 
 
 def test_few_labels_keeps_a_transfer_set_and_mixed_batches_carry_labels():
