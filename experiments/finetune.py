@@ -67,6 +67,7 @@ class FinetuneJob:
     digits_classes: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
     labels_per_class: int = 0  # digits: few-shot subset of the train split (0: all)
     augment: bool = True
+    random_erase: float = 0.0  # RandomErasing probability after the other augmentation (torchvision's recipes: 0.1)
     num_workers: int = 8  # image decoding/augmentation threads
     folder: FolderOptions = dataclasses.field(default_factory=FolderOptions)  # bad files, empty classes
     export_torch: bool = True  # write final.pth
@@ -80,6 +81,10 @@ class FinetuneJob:
     def validate(self) -> None:
         if self.checkpoint and self.weights:
             raise ValueError("pass --checkpoint or --weights, not both")
+        if not 0 <= self.random_erase <= 1:
+            raise ValueError(f"random_erase is a probability in [0, 1], got {self.random_erase}")
+        if self.random_erase and not self.augment:
+            raise ValueError("random_erase is augmentation, which --no-augment turns off")
         kind = self.data.split(":", 1)[0]
         if kind not in ("tfds", "folder", "digits"):
             raise ValueError(f"--data must be tfds:NAME, folder:PATH or digits; got {self.data!r}")
@@ -154,12 +159,11 @@ def _pipelines(job: FinetuneJob, train_src, eval_src, seed: int):
     if _in_memory(train_src):  # digits: preprocessed arrays
         from experiments.transfer import translate
 
-        tr = ArraySource(
-            {"image": train_src.images, "label": train_src.labels},
-            ft.batch_size,
-            seed=seed,
-            augment=translate(max(ft.image_size // 10, 1)) if job.augment else None,
-        )
+        augment = translate(max(ft.image_size // 10, 1)) if job.augment else None
+        if job.random_erase:
+            shift, erase = augment, data.RandomErasing(job.random_erase)
+            augment = lambda batch, rng: erase.on_batch(shift(batch, rng), rng)  # noqa: E731
+        tr = ArraySource({"image": train_src.images, "label": train_src.labels}, ft.batch_size, seed=seed, augment=augment)
         ev = (
             EvalSource({"image": eval_src.images, "label": eval_src.labels}, ft.eval_batch_size)
             if eval_src is not None
@@ -167,7 +171,7 @@ def _pipelines(job: FinetuneJob, train_src, eval_src, seed: int):
         )
         return tr, ev
     size = ft.image_size
-    train_tf = data.TrainTransform(size) if job.augment else data.EvalTransform(size)
+    train_tf = data.TrainTransform(size, erase_prob=job.random_erase) if job.augment else data.EvalTransform(size)
     tr = Resumable(
         lambda start: data.batches(
             train_src,

@@ -12,6 +12,7 @@ import skimage.data
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from torchvision.transforms import v2
 from PIL import Image
 
 from jtkd.data import transforms as jt
@@ -106,3 +107,45 @@ def test_modes_and_bad_inputs():
         jt.normalize(np.zeros((4, 4, 1), np.float32))
     with pytest.raises(TypeError, match="dtype"):
         jt.as_image(np.zeros((4, 4, 3), np.int64))
+
+
+def test_random_erasing_after_the_train_transform_equals_torchvision_erase(photo):
+    tr = jt.TrainTransform(48, erase_prob=0.7)
+    erased = 0
+    for i in range(8):
+        got = tr(photo, jt.example_rng(1, 0, i))
+        rng = jt.example_rng(1, 0, i)  # replay the draws: crop, flip, then erasing's coin and box
+        top, left, h, w = jt.random_resized_crop_params((photo.height, photo.width), rng, tr.scale, tr.ratio)
+        ref = TF.resized_crop(photo, top, left, h, w, [48, 48])
+        ref = TF.hflip(ref) if rng.uniform() < tr.flip_prob else ref
+        ref = TF.normalize(TF.to_tensor(ref), jt.IMAGENET_MEAN, jt.IMAGENET_STD)
+        if rng.uniform() < 0.7 and (box := jt.random_erasing_params((48, 48), rng)) is not None:
+            ref = TF.erase(ref, *box, v=torch.tensor(0.0))
+            erased += 1
+        np.testing.assert_allclose(got, _torch_hwc(ref), rtol=0, atol=1e-6)
+    assert 0 < erased < 8
+    # without erasing the stream of draws is what it was: the same crops and flips as before
+    np.testing.assert_array_equal(jt.TrainTransform(48)(photo, jt.example_rng(1, 0, 0)),
+                                  jt.TrainTransform(48, erase_prob=0.0)(photo, jt.example_rng(1, 0, 0)))
+
+
+def test_random_erasing_boxes_follow_scale_and_ratio_and_fall_back_like_torchvision():
+    rng = np.random.default_rng(0)
+    boxes = [jt.random_erasing_params((60, 90), rng) for _ in range(400)]
+    assert all(b is not None for b in boxes)
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 90 and h < 60 and w < 90
+    areas = np.array([h * w for _, _, h, w in boxes]) / (60 * 90)
+    aspects = np.array([h / w for _, _, h, w in boxes])
+    assert 0.01 < areas.min() and areas.max() < 0.37 and 0.25 < aspects.min() and aspects.max() < 4
+    # no box fits (area at least 90% of a 3x3 image): torchvision erases nothing, and so does this
+    tv = v2.RandomErasing(p=1.0, scale=(0.9, 1.0)).make_params([torch.zeros(3, 3, 3)])
+    assert tv["v"] is None and jt.random_erasing_params((3, 3), rng, scale=(0.9, 1.0)) is None
+    x = np.ones((3, 3, 3), np.float32)
+    assert jt.RandomErasing(1.0, scale=(0.9, 1.0))(x, rng) is x
+    batch = {"image": np.ones((16, 20, 20, 3), np.float32), "label": np.arange(16)}
+    out = jt.RandomErasing(0.5).on_batch(batch, np.random.default_rng(2))
+    hit = (out["image"] == 0).any(axis=(1, 2, 3))
+    assert 0 < hit.sum() < 16 and np.array_equal(out["label"], batch["label"]) and (batch["image"] == 1).all()
+    with pytest.raises(ValueError, match="probability must be in"):
+        jt.RandomErasing(1.5)

@@ -61,6 +61,8 @@ def test_finetune_cli_quick_checkpoint_export_and_resume(tmp_path):
         "1.0",
         "--accum_steps",
         "2",
+        "--random_erase",
+        "0.5",
     ]
     res = finetune.main(argv)
     assert res["steps"] == 3 and res["num_classes"] == 10 and 0 < res["trainable_params"] < res["total_params"]
@@ -95,6 +97,7 @@ def test_finetune_cli_bad_input(tmp_path, capsys):
         (["--batch_size", "64", "--accum_steps", "3"], "error: batch_size 64 does not divide into loop.accum_steps=3"),
         (["--lr", "fast"], "error: --finetune.optim.lr: expected float, got 'fast'"),
         (["--cutmix_alpha", "-1"], "error: cutmix_alpha must be >= 0, got -1.0"),
+        (["--no-augment", "--random_erase", "0.1"], "error: random_erase is augmentation, which --no-augment turns off"),
     ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:

@@ -171,6 +171,57 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def random_erasing_params(
+    hw: tuple[int, int],
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.02, 0.33),
+    ratio: tuple[float, float] = (0.3, 3.3),
+) -> tuple[int, int, int, int] | None:
+    """torchvision's `RandomErasing` box (10 tries): (top, left, h, w), or None when no box fits (nothing
+    is erased, as torchvision does then)."""
+    height, width = hw
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        erase_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        h = int(round(math.sqrt(erase_area * aspect)))
+        w = int(round(math.sqrt(erase_area / aspect)))
+        if h < height and w < width:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return None
+
+
+@dataclass(frozen=True)
+class RandomErasing:
+    """torchvision's `RandomErasing(p, scale, ratio, value)` on an HWC float image, after `Normalize` as in
+    torchvision's recipes (value 0 is the mean colour there). `on_batch` is the `ArraySource` augmentation
+    for arrays already preprocessed (each row on its own)."""
+
+    prob: float = 0.5
+    scale: tuple[float, float] = (0.02, 0.33)
+    ratio: tuple[float, float] = (0.3, 3.3)
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"random erasing probability must be in [0, 1], got {self.prob}")
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.uniform() >= self.prob:
+            return x
+        box = random_erasing_params(x.shape[:2], rng, self.scale, self.ratio)
+        if box is None:
+            return x
+        top, left, h, w = box
+        x = x.copy()
+        x[top : top + h, left : left + w] = self.value
+        return x
+
+    def on_batch(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {**batch, "image": np.stack([self(x, rng) for x in batch["image"]])}
+
+
 @dataclass(frozen=True)
 class EvalTransform:
     """Resize(resize_size) + CenterCrop(size) + ToTensor + Normalize, as torchvision's ImageNet eval.
@@ -197,12 +248,14 @@ class EvalTransform:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(p) + ToTensor + Normalize."""
+    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(p) + ToTensor + Normalize
+    [+ RandomErasing(erase_prob) when erase_prob > 0]."""
 
     size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
+    erase_prob: float = 0.0
     interpolation: Interpolation = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -213,4 +266,5 @@ class TrainTransform:
         image = resize(crop(image, top, left, h, w), (self.size, self.size), self.interpolation)
         if rng.uniform() < self.flip_prob:
             image = hflip(image)
-        return normalize(np.ascontiguousarray(to_float(image)), self.mean, self.std)
+        x = normalize(np.ascontiguousarray(to_float(image)), self.mean, self.std)
+        return RandomErasing(self.erase_prob)(x, rng) if self.erase_prob > 0 else x
