@@ -14,7 +14,7 @@ one per example so augmentation does not depend on thread scheduling, batch size
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -144,6 +144,19 @@ def normalize(x: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequenc
     return (x.astype(np.float32, copy=False) - mean_a) / std_a
 
 
+def _random_boxes(
+    hw: tuple[int, int], rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> Iterator[tuple[float, float]]:
+    """torchvision's 10 draws of a box with area `scale` x the image's and aspect ratio in `ratio`
+    (log-uniform): (sqrt(area * aspect), sqrt(area / aspect)) each, before rounding."""
+    area = hw[0] * hw[1]
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        yield math.sqrt(target_area * aspect), math.sqrt(target_area / aspect)
+
+
 def random_resized_crop_params(
     hw: tuple[int, int],
     rng: np.random.Generator,
@@ -152,13 +165,8 @@ def random_resized_crop_params(
 ) -> tuple[int, int, int, int]:
     """torchvision's `RandomResizedCrop.get_params` (10 tries, then a central crop): (top, left, h, w)."""
     height, width = hw
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
+    for a, b in _random_boxes(hw, rng, scale, ratio):
+        w, h = round(a), round(b)  # aspect = w / h
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     in_ratio = width / height
@@ -180,13 +188,8 @@ def random_erasing_params(
     """torchvision's `RandomErasing` box (10 tries): (top, left, h, w), or None when no box fits (nothing
     is erased, as torchvision does then)."""
     height, width = hw
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        erase_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        h = int(round(math.sqrt(erase_area * aspect)))
-        w = int(round(math.sqrt(erase_area / aspect)))
+    for a, b in _random_boxes(hw, rng, scale, ratio):
+        h, w = round(a), round(b)  # aspect = h / w here
         if h < height and w < width:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     return None
