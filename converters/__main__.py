@@ -27,6 +27,7 @@ from converters.torchvision import (
     UnsafeCheckpointError,
     convert,
     download_weights,
+    eval_transform,
     load_checkpoint,
     model_kwargs,
     weights_entry,
@@ -122,10 +123,9 @@ def image_transform(
     side to max(h, w) / 0.875, bilinear, center crop)."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if weights and size is None:
-        preset = weights_entry(name, weights).transforms()
-        h = w = preset.crop_size[0]
-        resize_to, interpolation = preset.resize_size[0], preset.interpolation.value
-        mean, std = tuple(preset.mean), tuple(preset.std)
+        preset = eval_transform(name, weights)
+        h = w = preset.size
+        resize_to, interpolation, mean, std = preset.resize_to, preset.interpolation, preset.mean, preset.std
     else:
         h, w = size or (default, default)
         resize_to, interpolation = int(max(h, w) / 0.875), "bilinear"

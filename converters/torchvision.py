@@ -503,6 +503,18 @@ def weights_entry(name: str, weights: str = "DEFAULT") -> Any:
         raise ValueError(f"{name}: unknown weights {weights!r}; choose one of DEFAULT, {', '.join(enum.__members__)}") from None
 
 
+def eval_transform(name: str, weights: str = "DEFAULT") -> Any:
+    """The weights' own evaluation preprocessing (`weights.transforms()`: resize, crop, interpolation, mean
+    and std, from torchvision's metadata, offline) as a `jtkd.data.EvalTransform`."""
+    from jtkd.data import EvalTransform
+
+    preset = weights_entry(name, weights).transforms()
+    return EvalTransform(
+        preset.crop_size[0], resize_size=preset.resize_size[0], interpolation=preset.interpolation.value,
+        mean=tuple(preset.mean), std=tuple(preset.std),
+    )
+
+
 def download_weights(name: str, weights: str = "DEFAULT") -> dict[str, Any]:
     """A torchvision weights state_dict through torchvision's own API (needs internet)."""
     w = weights_entry(name, weights)

@@ -255,30 +255,38 @@ def check_linear_head(model: str, variables: dict) -> None:
 
 
 class FeatureExtractor:
-    """Backbone (num_classes=0, train=False) outputs for every example, compiled once per instance."""
+    """Backbone (num_classes=0, train=False) outputs for every example, compiled once per instance; with
+    `logits=True` the whole model's logits instead (its classes those of `template`)."""
 
     def __init__(
         self, model: str, mesh: Any, batch_size: int = 256, dtype: Any = jnp.float32, progress: bool = True,
-        template: Mapping[str, Any] | None = None,
+        template: Mapping[str, Any] | None = None, logits: bool = False,
     ) -> None:
         from converters.torchvision import flax_module
 
-        self.model, self.mesh, self.batch_size, self.progress = model, mesh, batch_size, progress
+        self.model, self.mesh, self.batch_size, self.progress, self.logits = model, mesh, batch_size, progress, logits
         # template: variables whose shapes fix the builder kwargs (a ViT's image_size, MNASNet's stem)
-        module = flax_module(model, template, num_classes=0, dtype=dtype)
+        head = {} if logits else {"num_classes": 0}
+        module = flax_module(model, template, dtype=dtype, **head)
+
+        def fwd(v: Any, x: jax.Array) -> jax.Array:
+            out = module.apply(v, x, train=False)
+            return out[0] if isinstance(out, tuple) else out
+
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.AXIS))
-        self._fwd = jax.jit(lambda v, x: module.apply(v, x, train=False), out_shardings=rows)
+        self._fwd = jax.jit(fwd, out_shardings=rows)
 
     def __call__(
         self, variables: dict, data: Mapping[str, np.ndarray] | Iterable[Batch], desc: str = "features"
     ) -> dict[str, np.ndarray]:
-        """{'features', 'label', ...} for `data`: in-memory arrays (with 'image') or an iterable of
-        evaluation batches (padded rows marked by 'mask', as `EvalSource` / `jtkd.data.batches(train=False)`
-        give). Multi-host, each process gets the features of its own rows."""
+        """{'features' (or 'logits'), 'label', ...} for `data`: in-memory arrays (with 'image') or an iterable
+        of evaluation batches (padded rows marked by 'mask', as `EvalSource` / `jtkd.data.batches(train=False)`
+        give). Multi-host, each process gets the outputs of its own rows."""
         from tqdm.auto import tqdm
 
-        backbone, _ = split_head(self.model, variables)
-        v = train.replicate(self.mesh, backbone)
+        used = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        v = train.replicate(self.mesh, used if self.logits else split_head(self.model, variables)[0])
+        key = "logits" if self.logits else "features"
         batches = EvalSource(data, self.batch_size) if isinstance(data, Mapping) else data
         out: dict[str, list[np.ndarray]] = {}
         for batch in tqdm(batches, desc=desc, leave=False, disable=not self.progress or jax.process_index() != 0):
@@ -286,7 +294,7 @@ class FeatureExtractor:
             feats = self._fwd(v, train.shard_batch(self.mesh, {"image": batch["image"]})["image"])
             shards = sorted(feats.addressable_shards, key=lambda sh: sh.index[0].start or 0)
             local = np.concatenate([np.asarray(sh.data) for sh in shards])  # this process's rows, in order
-            out.setdefault("features", []).append(local[keep].astype(np.float32))
+            out.setdefault(key, []).append(local[keep].astype(np.float32))
             for k, val in batch.items():
                 if k not in ("image", "mask"):
                     out.setdefault(k, []).append(np.asarray(val)[keep])
