@@ -137,7 +137,9 @@ class DistillRun:
             raise ValueError(f"batch_size ({self.batch_size}) and transfer_batch_size "
                              f"({self.transfer_batch_size or self.batch_size}) must divide by loop.accum_steps={k}")
         mixup.make_batch_transform(self.mixup_alpha, self.cutmix_alpha)  # checks the alphas
-        if (self.mixup_alpha or self.cutmix_alpha) and "dkd" in self.distill.method.split("+"):
+        methods = [self.distill.method, *(m.split("@")[0] for m in self.methods if self.table)]
+        terms = {t.name for m in methods for t in distill.make_objective(dataclasses.replace(self.distill, method=m)).terms}
+        if (self.mixup_alpha or self.cutmix_alpha) and "dkd" in terms:
             raise ValueError("DKD needs one target class per image, which MixUp / CutMix images do not have: "
                              "use kd, lskd or a feature method with --mixup_alpha / --cutmix_alpha")
         kind = self.data.split(":", 1)[0]

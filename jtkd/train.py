@@ -102,22 +102,31 @@ class TrainState:
         return self.replace(params=_overlay(self.params, self.ema["params"]), batch_stats=self.ema["batch_stats"])
 
 
-def _select(tree: Any, mask: Any) -> dict[str, Any]:
-    """The nested dict of `tree`'s leaves whose `mask` leaf is true (all of them for mask=None)."""
+def _select(tree: Any, mask: Any) -> Any:
+    """The nested dict of `tree`'s leaves whose `mask` leaf is true; `tree` itself for mask=None."""
     if mask is None:
         return tree
     flat, keep = flatten_dict(tree), flatten_dict(mask)
     return unflatten_dict({k: v for k, v in flat.items() if keep[k]})
 
 
-def _overlay(tree: Any, part: Any) -> dict[str, Any]:
-    """`tree` with the leaves that `part` (a `_select` of it) holds replaced by part's."""
-    return unflatten_dict({**flatten_dict(tree, keep_empty_nodes=True), **flatten_dict(part)})
+def _key_path(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def _like(tree: Any, part: Any) -> dict[str, Any]:
-    """The leaves of `tree` at the paths `part` has."""
-    flat = flatten_dict(tree)
+def _overlay(tree: Any, part: Any) -> Any:
+    """`tree` (its containers kept) with the leaves `part` (a `_select` of it) holds replaced by part's."""
+    if jax.tree.structure(part) == jax.tree.structure(tree):
+        return part
+    flat = flatten_dict(part)
+    return jax.tree_util.tree_map_with_path(lambda path, x: flat.get(_key_path(path), x), tree)
+
+
+def _like(tree: Any, part: Any) -> Any:
+    """The leaves of `tree` at the paths `part` (a `_select` of it) has, in part's structure."""
+    if jax.tree.structure(part) == jax.tree.structure(tree):
+        return tree
+    flat = {_key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     return unflatten_dict({k: flat[k] for k in flatten_dict(part)})
 
 
@@ -293,10 +302,10 @@ def make_eval_step(mesh: Mesh, metrics_fn: Callable[[TrainState, Batch, Any], Me
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Mean over the batch of -sum_c q_c log softmax(logits)_c, with q = (1-eps)*t + eps/C where t is
-    onehot(labels) for integer labels or `labels` itself for class probabilities (torch's
+    onehot(labels) for class indices (B,) or `labels` itself for class probabilities (B, C) (torch's
     `CrossEntropyLoss(label_smoothing=eps)` on either kind of target)."""
     num_classes = logits.shape[-1]
-    t = labels if jnp.issubdtype(labels.dtype, jnp.floating) else jax.nn.one_hot(labels, num_classes)
+    t = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, num_classes)
     q = optax.smooth_labels(t, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), q).mean()
 

@@ -26,8 +26,9 @@ def test_cli_parses_into_typed_config():
         cfglib.parse_args(exp.DistillRun(), ["--data", "imagenet"])
     with pytest.raises(cfglib.ConfigError, match="unknown option"):
         cfglib.parse_args(exp.DistillRun(), ["--tempreature", "3"])
-    with pytest.raises(ValueError, match="DKD needs one target class per image"):
-        cfglib.parse_args(exp.DistillRun(), ["--method", "dkd", "--cutmix_alpha", "1"])
+    for argv in (["--method", "dkd"], ["--method", "kd + dkd"], ["--table", "--methods", "ce,dkd@1"]):
+        with pytest.raises(ValueError, match="DKD needs one target class per image"):
+            cfglib.parse_args(exp.DistillRun(), [*argv, "--cutmix_alpha", "1"])
     with pytest.raises(ValueError, match="mixup_alpha must be >= 0"):
         cfglib.parse_args(exp.DistillRun(), ["--mixup_alpha", "-0.1"])
 

@@ -81,6 +81,17 @@ def test_draws_follow_beta_and_pick_each_transform_half_the_time():
     assert not np.asarray(only_mixup.cutmix).any()
 
 
+def test_bfloat16_images_blend_in_float32_with_the_labels_lambda():
+    images, labels = _batch()
+    mix = mixup.Mix(jnp.asarray(False), jnp.float32(0.3), tuple(jnp.int32(0) for _ in range(4)))
+    x16 = jnp.asarray(images, jnp.bfloat16)
+    got, lam = mixup.mix_images(x16, mixup.roll_rows(x16), mix)
+    x32 = x16.astype(jnp.float32)
+    want = (mixup.roll_rows(x32) * (1 - jnp.float32(0.3)) + x32 * jnp.float32(0.3)).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and float(lam) == np.float32(0.3)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_soft_target_cross_entropy_equals_torch():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((5, C)).astype(np.float32)
@@ -93,6 +104,9 @@ def test_soft_target_cross_entropy_equals_torch():
         got, grad = jax.value_and_grad(lambda z: train.cross_entropy(z, jnp.asarray(q), eps))(jnp.asarray(logits))
         np.testing.assert_allclose(got, want.item(), rtol=1e-6)
         np.testing.assert_allclose(grad, lt.grad.numpy(), rtol=1e-5, atol=1e-7)
+    square = rng.standard_normal((C, C)).astype(np.float32)  # class indices stored as floats stay indices
+    idx = rng.integers(0, C, C)
+    np.testing.assert_allclose(train.cross_entropy(square, idx.astype(np.float32)), train.cross_entropy(square, idx))
 
 
 def _run(num_devices, accum_steps=1):

@@ -151,6 +151,33 @@ def test_weight_average_follows_its_recursion_and_keeps_frozen_leaves_exact():
         train.TrainState.create(Tiny(3).apply, variables, tx, ema_decay=1.5)
 
 
+def test_weight_average_keeps_the_params_containers():
+    """FrozenDict parameters and empty sub-dicts (a module without parameters) go through the averaged step, and
+    `averaged()` has the parameters' own tree structure, with and without a trainable mask."""
+    from flax.core import FrozenDict
+
+    def loss_fn(params, state, batch, rng, extra):
+        loss = (params["a"]["w"] * batch["x"].mean()).sum() + (params["b"]["w"] ** 2).sum()
+        return loss, (state.batch_stats, {"loss": loss})
+
+    mesh = train.make_mesh(1)
+    step = train.make_train_step(mesh, loss_fn, donate=False)
+    batch = train.shard_batch(mesh, {"x": np.ones((2, 3), np.float32)})
+    for params in (FrozenDict({"a": {"w": np.ones(3, np.float32)}, "b": {"w": np.ones(2, np.float32)}}),
+                   {"a": {"w": np.ones(3, np.float32)}, "b": {"w": np.ones(2, np.float32)}, "none": {}}):
+        for trainable in (None, jax.tree.map(lambda _: True, dict(params)) | {"b": {"w": False}}):
+            if trainable is not None and "none" in params:
+                trainable["none"] = {}
+            state = train.TrainState.create(None, {"params": params}, optax.sgd(0.1), ema_decay=0.5, trainable=trainable)
+            state, _ = step(train.replicate(mesh, state), batch)
+            avg = state.averaged()
+            assert jax.tree.structure(avg.params) == jax.tree.structure(state.params)
+            np.testing.assert_allclose(avg.params["a"]["w"], 1 - 0.5 * 0.1)  # the average of 1 and 1 - 0.1
+            if trainable is not None:  # not averaged: the (here moving) weights themselves
+                assert "b" not in state.ema["params"]
+                np.testing.assert_array_equal(avg.params["b"]["w"], state.params["b"]["w"])
+
+
 def test_layer_decay_scales_updates_and_clipping_bounds_them():
     params = {"a": {"kernel": jnp.ones((2, 2))}, "fc": {"kernel": jnp.ones((2, 2))}}
     grads = jax.tree.map(lambda p: 3.0 * jnp.ones_like(p), params)
