@@ -25,6 +25,7 @@ import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 
 def save_variables(path: str | Path, variables: Any) -> None:
@@ -97,6 +98,21 @@ def _mismatch(saved: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]
             lines += [f"    ... and {len(items) - 8} more"] if len(items) > 8 else []
     lines.append("Resume needs the run's own setup: use a new workdir for a different one (or remove this one).")
     return "\n".join(lines)
+
+
+def _with_frozen_average(target: Any, saved: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+    """`target` with a weight average of every parameter, if that is how `saved` differs from it: checkpoints
+    written before the average kept only the trainable parameters (the frozen ones are dropped after the
+    restore: their average is the parameter itself). None otherwise."""
+    ema = target.get("ema") if isinstance(target, dict) else None
+    if ema is None:
+        return None
+    params, have = flatten_dict(target["params"], sep="/"), flatten_dict(ema["params"], sep="/")
+    extra = {k.removeprefix("ema/params/") for k in saved if k.startswith("ema/params/")} - set(have)
+    if not extra or not extra <= set(params):
+        return None
+    wide = unflatten_dict({**{k: params[k] for k in extra}, **have}, sep="/")
+    return {**target, "ema": {**ema, "params": wide}}
 
 
 def _float_metrics(metrics: dict[str, Any] | None) -> dict[str, float] | None:
@@ -173,10 +189,16 @@ class TrainCheckpointer:
             raise FileNotFoundError(f"no complete checkpoint under {self.directory / 'state'}")
         target = state_to_tree(template)
         saved = self._state.item_metadata(step)
-        problem = _mismatch(_leaf_shapes(getattr(saved, "tree", saved)), _leaf_shapes(target),
-                            f"checkpoint step {step} under {self.directory / 'state'}")
-        if problem:
-            raise CheckpointMismatchError(problem)
+        saved_shapes = _leaf_shapes(getattr(saved, "tree", saved))
+        where = f"checkpoint step {step} under {self.directory / 'state'}"
+        if problem := _mismatch(saved_shapes, _leaf_shapes(target), where):
+            wide = _with_frozen_average(target, saved_shapes)
+            if wide is None or _mismatch(saved_shapes, _leaf_shapes(wide), where):
+                raise CheckpointMismatchError(problem)
+            tree = self._state.restore(step, args=ocp.args.StandardRestore(wide))
+            keep = flatten_dict(target["ema"]["params"])
+            tree["ema"]["params"] = unflatten_dict({k: v for k, v in flatten_dict(tree["ema"]["params"]).items() if k in keep})
+            return tree_to_state(template, tree)
         tree = self._state.restore(step, args=ocp.args.StandardRestore(target))
         return tree_to_state(template, tree)
 

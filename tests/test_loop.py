@@ -127,6 +127,31 @@ def test_interrupted_checkpoint_write_is_ignored(tmp_path):
     assert_bitwise_equal(restored.params, state.params)
 
 
+def test_a_checkpoint_whose_average_holds_frozen_parameters_resumes(tmp_path):
+    """Before the average kept only the trainable parameters it held all of them: such a checkpoint restores
+    into a state with a trainable mask, the frozen entries dropped and the rest of the average as saved; any
+    other difference is still a mismatch."""
+    from engine_helpers import HEAD, STAGES
+
+    variables = jax.device_get(init(Tiny(3)))
+    trainable = optim.trainable_mask(variables["params"], "partial", freeze_stages=2, stages=STAGES, head=HEAD)
+    tx = optim.make_optimizer(optim.OptimConfig(lr=0.1), variables["params"], total_steps=4, trainable=trainable)
+    make = lambda mask: train.TrainState.create(Tiny(3).apply, variables, tx, ema_decay=0.9, trainable=mask)  # noqa: E731
+    old = make(None)  # the earlier layout: an average of every parameter
+    old = old.replace(ema=jax.tree.map(lambda a: a + 1.0, old.ema))  # distinguishable from the parameters
+    with TrainCheckpointer(tmp_path / "ck", async_save=False) as ck:
+        ck.save(old)
+    with TrainCheckpointer(tmp_path / "ck") as ck:
+        restored = ck.restore(make(trainable))
+        frozen = {k for k, v in trainable.items() if not any(jax.tree.leaves(v))}
+        assert frozen and set(restored.ema["params"]) == set(variables["params"]) - frozen
+        for k in restored.ema["params"]:
+            assert_bitwise_equal(restored.ema["params"][k], old.ema["params"][k])
+        assert_bitwise_equal(restored.ema["batch_stats"], old.ema["batch_stats"])
+        with pytest.raises(CheckpointMismatchError, match="ema"):  # a run without an average does not take it
+            ck.restore(train.TrainState.create(Tiny(3).apply, variables, tx))
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     trainer, fresh = _setup(steps=12, log_every=2, checkpoint_every=2)
     src, ev = _data()
